@@ -346,7 +346,8 @@ def embed_images(model, image_paths, transform, batch_size=64, device="cpu", pro
         import data
         load_image, unreadable = data.load_image, (data.BadSample, OSError)
     else:
-        unreadable = (OSError,) + ((sys.modules["data"].BadSample,) if "data" in sys.modules else ())
+        bad_sample = getattr(sys.modules.get("data"), "BadSample", None)    # if data.py is loaded
+        unreadable = (OSError,) + ((bad_sample,) if bad_sample else ())
     n = len(image_paths)
     ok = torch.zeros(n, dtype=torch.bool)
     rows, embs, pending, idx, skipped = [], [], [], [], 0
@@ -522,18 +523,21 @@ _MODALITY_COLOURS = {"image": (31, 119, 180), "text": (255, 127, 14), "pair": (4
 def draw_embedding_pca_png(panels, path, size=320, title_h=24, legend_h=22):
     """One panel per (title, xy_image (N, 2), xy_text (N, 2), xy_pair (N, 2) or None):
     points coloured by modality, matched image_i - text_i joined by thin grey lines, each
-    panel scaled to its own extent. Size: (len(panels) * size, size + title_h + legend_h)."""
+    panel scaled to its own extent (same scale on both axes).
+    Size: (len(panels) * size, size + title_h + legend_h)."""
     canvas = Image.new("RGB", (len(panels) * size, size + title_h + legend_h), "white")
     draw, font = ImageDraw.Draw(canvas), _font()
     for p, (title, xy_img, xy_txt, xy_pair) in enumerate(panels):
         groups = {"image": xy_img, "text": xy_txt, "pair": xy_pair}
         groups = {k: torch.as_tensor(v).float() for k, v in groups.items() if v is not None}
         allxy = torch.cat(list(groups.values()))
-        lo, span = allxy.min(0).values, (allxy.max(0).values - allxy.min(0).values).clamp_min(1e-9)
+        # one scale for both axes, so distances (the gap) are drawn honestly
+        lo, hi = allxy.min(0).values, allxy.max(0).values
+        mid, span = (lo + hi) / 2, (hi - lo).max().clamp_min(1e-9)
         m = 12                                                   # margin in pixels
 
         def px(xy):                                              # data -> pixel coords (y up)
-            u = (xy - lo) / span
+            u = (xy - mid) / span + 0.5
             return [(p * size + m + a * (size - 2 * m), title_h + m + (1 - b) * (size - 2 * m))
                     for a, b in u.tolist()]
         pts = {k: px(v) for k, v in groups.items()}

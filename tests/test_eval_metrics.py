@@ -220,7 +220,9 @@ def test_zeroshot_classifier_averages_and_renormalises():
             return F.normalize(table[ids[:, 0]], dim=-1)
 
     vocab = {"cat": 0, "dog": 1, "a": 2}
-    tok = lambda texts, L: (torch.tensor([[vocab[t.split()[0]]] * L for t in texts]), torch.ones(len(texts), L, dtype=torch.bool))
+    def tok(texts, L):
+        ids = torch.tensor([[vocab[t.split()[0]]] * L for t in texts])
+        return ids, torch.ones(len(texts), L, dtype=torch.bool)
     w = ev.zeroshot_classifier(Text(), tok, ["cat", "dog"], ["{} photo", "a {}"], device="cpu")
     # "cat photo" -> e0, "a cat" -> e2: mean (0.5, 0, 0.5), re-normalised.
     assert torch.allclose(w[0], torch.tensor([1., 0, 1]) / math.sqrt(2))
