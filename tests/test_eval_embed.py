@@ -6,8 +6,8 @@ evaluate_retrieval give perfect scores for a model that is perfect by constructi
 drop an unreadable image together with its captions; the helpers restore the model's
 train/eval mode; they run on the real `oner.OneR` "mu" model; the PNG figures are written
 at their documented sizes. A small fake `data` module stands in for data.py (installed
-in sys.modules per test), so these tests do not depend on data.py's internals; one test
-uses the real data.py when it exists.
+in sys.modules per test), so these tests do not depend on data.py's internals; two tests
+use the real data.py when it is importable (skipped otherwise).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_eval_embed.py -x
 """
@@ -192,6 +192,13 @@ def test_embed_images_with_the_real_data_module(tmp_path):
     emb, ok = ev.embed_images(ColourModel(), [str(tmp_path / "ok.png"), str(tmp_path / "bad.png")],
                               data.ImageTransform(8, train=False), progress=False)
     assert ok.tolist() == [True, False] and emb.shape[0] == 2
+
+
+def test_evaluate_retrieval_with_the_real_data_module(split):
+    pytest.importorskip("data")
+    m = ev.evaluate_retrieval(ColourModel(), tokenizer, str(split / "test.json"), str(split / "img"),
+                              progress=False)
+    assert (m["n_images"], m["n_texts"], m["skipped"], m["skipped_captions"]) == (4, 7, 2, 3)
 
 
 # ------------------------------------------------------------------------- figures
