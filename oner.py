@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 CONTRASTIVE = ("itc", "xmc", "cic", "cmc")
 MASKED = ("mlm", "mim")
@@ -157,6 +158,7 @@ class Encoder(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)  # both modalities
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(D)
+        self.grad_ckpt = False  # activation checkpointing: recompute blocks in backward
         nn.init.normal_(self.tok_embed.weight, std=0.02)
 
     def embed_image(self, images, mask=None):  # -> (B, P, D); mask (B, P) True = [MASK]
@@ -196,7 +198,10 @@ class Encoder(nn.Module):
         else:
             x = torch.cat([cls] + parts, 1)
         for block in self.blocks:
-            x = block(x, mask)
+            if self.grad_ckpt and x.requires_grad:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.ln_f(x)
 
 
