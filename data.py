@@ -810,37 +810,50 @@ class ShardDataset(torch.utils.data.IterableDataset):
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [self.shards[i] for i in perm[slot::n_slots]]
 
-    def _raw_stream(self, shards: list[str], epoch: int, slot: int, skip: int):
-        """Endless (key, parts) stream over `shards` (cycled), skipping `skip` samples
-        first (whole shards by header count, then members without decoding)."""
+    def _pass(self, shards: list[str], skip: list):
+        """One pass over `shards`, first dropping skip[0] samples (whole shards by their
+        header count, then members without decoding)."""
+        for sh in shards:
+            if skip[0] > 0:
+                if sh not in self._counts:
+                    self._counts[sh] = _tar_count(sh)
+                if self._counts[sh] <= skip[0]:
+                    skip[0] -= self._counts[sh]
+                    continue
+            for key, parts in _tar_samples(sh):
+                if skip[0] > 0:
+                    skip[0] -= 1
+                    continue
+                yield sh, key, parts
+
+    def _stream(self, shards: list[str], epoch: int, slot: int, skip: int):
+        """Endless stream for one slot and epoch: pass 0 over its shards, then further
+        passes in new orders if the epoch asks for more samples. Each pass goes through
+        its own shuffle buffer, drained at the end of the pass, so a pass yields each of
+        its samples exactly once."""
+        skip_left = [skip]
         for cycle in itertools.count():
-            order = list(shards) if cycle == 0 else [shards[i] for i in
-                                                     np.random.default_rng([self.seed, epoch, slot, cycle]).permutation(len(shards))]
-            for sh in order:
-                if skip > 0:
-                    if sh not in self._counts:
-                        self._counts[sh] = _tar_count(sh)
-                    if self._counts[sh] <= skip:
-                        skip -= self._counts[sh]
-                        continue
-                for key, parts in _tar_samples(sh):
-                    if skip > 0:
-                        skip -= 1
-                        continue
-                    yield sh, key, parts
-
-    def _shuffled(self, stream, rng):
-        buf = []
-        for item in stream:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(item)
+            order = shards if cycle == 0 else [
+                shards[i] for i in np.random.default_rng([self.seed, epoch, slot, cycle]).permutation(len(shards))]
+            if cycle > 0 and not any(self._counts.setdefault(sh, _tar_count(sh)) for sh in shards):
+                raise RuntimeError(f"ShardDataset: shards {shards[:3]}... hold no samples")
+            raw = self._pass(order, skip_left)
+            if self.shuffle_buffer <= 1:
+                yield from raw
                 continue
-            i = int(rng.integers(len(buf)))
-            buf[i], item = item, buf[i]
-            yield item
-        # the stream is endless; nothing left to drain
+            rng = np.random.default_rng([self.seed, epoch, slot, cycle, 1 << 30])
+            buf = []
+            for item in raw:
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(item)
+                    continue
+                i = int(rng.integers(len(buf)))
+                buf[i], item = item, buf[i]
+                yield item
+            for i in rng.permutation(len(buf)):
+                yield buf[i]
 
-    def _decode(self, sh, key, parts, rng) -> dict:
+    def _decode(self, sh, key, parts, epoch: int) -> dict:
         img_ext = next((e for e in self.IMAGE_EXT if e in parts), None)
         if img_ext is None:
             raise BadSample(f"{sh}:{key}: no image (.jpg/.png/.webp) in sample")
@@ -851,9 +864,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             ids, mask = self.tokenizer.pad(cap, self.text_len)
         except ValueError as e:
             raise BadSample(f"{sh}:{key}: {e}") from None
-        image = self.transform(load_image(parts[img_ext]), rng)
         base = os.path.basename(key)
         index = int(base) if base.isdigit() else zlib.crc32(f"{sh}:{key}".encode())
+        rng = np.random.default_rng([self.seed, epoch, index])  # per sample: resume-safe
+        image = self.transform(load_image(parts[img_ext]), rng)
         out = {"image": image, "text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask),
                "index": index}
         if self.masker is not None:
@@ -871,17 +885,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
             epoch = t // S
             first = epoch * S + (v - epoch * S) % K  # first step of this epoch that slot serves
             done = len(range(first, t, K))  # steps of this epoch it served before (resume)
-            rng = np.random.default_rng([self.seed, epoch, slot])
-            stream = self._raw_stream(self._slot_shards(epoch, slot, n_slots), epoch, slot, done * lb)
-            if self.shuffle_buffer > 1:
-                stream = self._shuffled(stream, np.random.default_rng([self.seed, epoch, slot, 1 << 30]))
+            stream = self._stream(self._slot_shards(epoch, slot, n_slots), epoch, slot, done * lb)
             while t < (epoch + 1) * S:
                 for _ in range(lb):
                     bad = 0
                     for attempt in range(MAX_CONSECUTIVE_BAD + 1):
                         sh, key, parts = next(stream)
                         try:
-                            out = self._decode(sh, key, parts, rng)
+                            out = self._decode(sh, key, parts, epoch)
                             break
                         except BadSample as e:
                             bad += 1
@@ -1468,3 +1479,70 @@ def ensure_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return _synth_paths(root)
+
+
+# =====================================================================================
+# CLI
+# =====================================================================================
+
+
+def builtin_pipeline(paths: dict, image_size: int = 32, patch_size: int = 4, text_len: int = 32,
+                     seed: int = 0, image_ratio: float = 0.4, image_mode: str = "random",
+                     text_prob: float = 0.15, max_predictions: int = 8, in_memory: bool = True):
+    """(tokenizer, PairDataset) for the built-in set's train split with its recipe: no crop,
+    no flip, one caption per image per epoch, images held in memory."""
+    tok = load_tokenizer(paths["tokenizer"])
+    masker = Masker((image_size // patch_size) ** 2, image_ratio, image_mode, text_prob, tok.vocab_size,
+                    tok.word_starts(), max_predictions)
+    ds = PairDataset(paths["train"], paths["image_root"], tok, text_len,
+                     ImageTransform(image_size, train=True, crop=False, flip=False), masker, seed,
+                     in_memory=in_memory, one_caption_per_image=True)
+    return tok, ds
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="OneR data tools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="generate the built-in dataset")
+    s.add_argument("out_dir")
+    s.add_argument("--images", type=int, default=10000, help="training images (val/test scale with it)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image_size", type=int, default=32)
+    b = sub.add_parser("bench", help="loader images/s (decode + transform + mask + collate)")
+    b.add_argument("--data", default="data/synth", help="built-in set dir (generated if absent)")
+    b.add_argument("--images", type=int, default=10000)
+    b.add_argument("--json", default=None, help="benchmark an ALBEF/BLIP JSON instead (with --image_root)")
+    b.add_argument("--image_root", default=None)
+    b.add_argument("--tokenizer", default="gpt2", help="for --json")
+    b.add_argument("--image_size", type=int, default=None, help="default: 32 built-in, 224 for --json")
+    b.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--batches", type=int, default=30)
+    b.add_argument("--no_memory", action="store_true", help="built-in set: decode from disk every time")
+    a = ap.parse_args(argv)
+    if a.cmd == "synth":
+        t0 = time.perf_counter()
+        paths = make_synth(a.out_dir, n_images=a.images, seed=a.seed, image_size=a.image_size)
+        man = json.loads((Path(paths["root"]) / "synth.json").read_text())
+        print(json.dumps(man, indent=1))
+        print(f"wrote {paths['root']} in {time.perf_counter() - t0:.1f} s")
+        return
+    if a.json:
+        S = a.image_size or 224
+        tok = load_tokenizer(a.tokenizer)
+        masker = Masker((S // 16) ** 2, 0.4, "random", 0.15, tok.vocab_size, tok.word_starts(), 8)
+        ds = PairDataset(a.json, a.image_root or ".", tok, 32, ImageTransform(S, True, flip=True), masker, 0)
+    else:
+        paths = ensure_synth(a.data, n_images=a.images)
+        t0 = time.perf_counter()
+        _, ds = builtin_pipeline(paths, image_size=a.image_size or 32, in_memory=not a.no_memory)
+        print(f"dataset ready in {time.perf_counter() - t0:.2f} s ({len(ds)} samples)")
+    sampler = ResumableSampler(len(ds), a.batch, seed=0)
+    torch.set_num_threads(1)
+    for r in loader_benchmark(ds, sampler, a.batch, a.workers, a.batches):
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
