@@ -1,8 +1,18 @@
 """OneR evaluation: the metrics of METHOD.md §6 and the modality-gap measures of issue 7.
 
+    python eval.py --checkpoint runs/demo/best.pt                 # built-in test retrieval
+    python eval.py --checkpoint runs/demo/best.pt --all           # every built-in evaluation
+    python eval.py --checkpoint CKPT --coco DIR | --flickr DIR | --retrieval JSON --image_root DIR
+    python eval.py --checkpoint CKPT --zeroshot DIR [--classnames FILE] [--templates FILE]
+    python eval.py --checkpoint CKPT --linear_probe TRAIN_DIR VAL_DIR
+    python eval.py --checkpoint CKPT --localize IMAGE "text" [--out_png PNG]
+    python eval.py --checkpoint CKPT --multimodal     (--zeroshot/--linear_probe/--localize builtin too)
+    common: --out results.json --grid examples.png --batch_size N --device cpu|cuda --image_size N
+
 Read top to bottom: retrieval metrics, multimodal R@K, zero-shot classification, linear
-probe, localisation (pointing game, patch heat maps), modality gap, embedding helpers that
-run a model over a split, and Pillow figures.
+probe, localisation (pointing game, patch heat maps), modality gap, checkpoint loading,
+embedding helpers that run a model over a split, Pillow figures, the built-in set's
+evaluations (evaluate_builtin), image-folder and single-image evaluations, and the CLI.
 
 Every metric is a pure function of tensors, and every ranking metric counts ties
 *against* the model: an item scored equal to the ground truth ranks above it, and a NaN
@@ -310,6 +320,32 @@ def pca_2d(x):
     return F.pad(out, (0, 2 - out.shape[1]))                    # E == 1: pad a zero axis
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path, image_size=None):
+    """Rebuild (model, tokenizer) exactly as trained. If image_size differs, the 2-D
+    position table is bicubically interpolated (fine-tuning at higher resolution)."""
+    import dataclasses
+    import os
+
+    import data
+    from oner import OneR, OneRConfig
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (train.py writes RUN_DIR/ckpt_*.pt and best.pt)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    mc = OneRConfig(**ck["model_config"])
+    state = ck["model"]
+    if image_size and image_size != mc.image_size:
+        mc = dataclasses.replace(mc, image_size=image_size)
+        g = mc.grid
+        for k in [k for k in state if k.endswith("pos_image")]:
+            t = state[k].permute(2, 0, 1)[None]  # (1, D, g0, g0)
+            state[k] = F.interpolate(t, size=(g, g), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+    model = OneR(mc)
+    model.load_state_dict(state, strict=True)
+    return model, data.Tokenizer.from_identity(ck["tokenizer"]), ck
+
+
 # ------------------------------------------------------------------ embedding helpers
 
 class _Progress:
@@ -336,12 +372,15 @@ def _fmt_seconds(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def embed_images(model, image_paths, transform, batch_size=64, device="cpu", progress=True, load_image=None):
+def embed_images(model, image_paths, transform, batch_size=64, device="cpu", progress=True, load_image=None,
+                 encode=None, what="embed_images"):
     """Run model.encode_image over image files. Returns (emb (N, E) float on CPU, ok (N,)
     bool); rows of unreadable images are zero and ok=False (the count is printed, the first
     few paths too) - an unreadable image is never fatal. load_image defaults to
     data.load_image; data.BadSample and OSError (missing file, PIL decode error) mean
-    "unreadable". transform(pil, None) -> (3, S, S), e.g. data.ImageTransform(S)."""
+    "unreadable". transform(pil, None) -> (3, S, S), e.g. data.ImageTransform(S).
+    encode (default model.encode_image) maps an image batch to (B, ...) features, e.g.
+    model.encode_patches for (N, P, E) patch features; `what` labels the progress lines."""
     if load_image is None:
         import data
         load_image, unreadable = data.load_image, (data.BadSample, OSError)
@@ -351,11 +390,12 @@ def embed_images(model, image_paths, transform, batch_size=64, device="cpu", pro
     n = len(image_paths)
     ok = torch.zeros(n, dtype=torch.bool)
     rows, embs, pending, idx, skipped = [], [], [], [], 0
-    report = _Progress("embed_images", n, progress)
+    report = _Progress(what, n, progress)
+    encode = encode or model.encode_image
 
     def flush():
         if pending:
-            embs.append(model.encode_image(torch.stack(pending).to(device)).float().cpu())
+            embs.append(encode(torch.stack(pending).to(device)).float().cpu())
             rows.extend(idx)
             pending.clear(), idx.clear()
 
@@ -368,7 +408,7 @@ def embed_images(model, image_paths, transform, batch_size=64, device="cpu", pro
             except unreadable as err:
                 skipped += 1
                 if skipped <= 5:
-                    print(f"embed_images: skipping unreadable image {path}: {err}", file=sys.stderr)
+                    print(f"{what}: skipping unreadable image {path}: {err}", file=sys.stderr)
             if len(pending) == batch_size:
                 flush()
             report(i + 1, f" ({skipped} skipped)")
@@ -376,7 +416,7 @@ def embed_images(model, image_paths, transform, batch_size=64, device="cpu", pro
     report(n, f" ({skipped} skipped)", final=True)
     if not embs:
         return torch.zeros(n, 0), ok
-    out = torch.zeros(n, embs[0].shape[1])
+    out = torch.zeros((n,) + tuple(embs[0].shape[1:]))
     out[torch.tensor(rows, dtype=torch.long)] = torch.cat(embs)
     return out, ok
 
@@ -395,16 +435,21 @@ def embed_texts(model, tokenizer, captions, text_len=None, batch_size=256, devic
     return torch.cat(out)
 
 
-def embed_retrieval_split(model, tokenizer, json_path, image_root, batch_size=64, device="cpu", progress=True):
+def embed_retrieval_split(model, tokenizer, json_path, image_root, batch_size=64, device="cpu", progress=True,
+                          image_embedder=None):
     """Embed an ALBEF/BLIP retrieval split. Unreadable images are dropped together with
     their captions (so they neither score nor distract), and counted. Returns a dict:
     image_emb (I, E), text_emb (T, E), text_to_image (T,) indexing the kept images,
-    image_paths, captions (kept), skipped (images), skipped_captions, seconds."""
+    image_paths, captions (kept), skipped (images), skipped_captions, seconds.
+    image_embedder(paths) -> (emb, ok) replaces embed_images (e.g. an _ImageCache)."""
     import data
     t0 = time.time()
     paths, captions, t2i = data.load_retrieval_split(json_path, image_root)
-    transform = data.ImageTransform(model.cfg.image_size, train=False)
-    image_emb, ok = embed_images(model, paths, transform, batch_size, device, progress)
+    if image_embedder is None:
+        transform = data.ImageTransform(model.cfg.image_size, train=False)
+        image_emb, ok = embed_images(model, paths, transform, batch_size, device, progress)
+    else:
+        image_emb, ok = image_embedder(paths)
     if not ok.any():
         raise RuntimeError(f"none of the {len(paths)} images listed in {json_path} could be read under "
                            f"image_root={image_root}; expected image_root/<'image' field of each entry>")
@@ -428,6 +473,104 @@ def evaluate_retrieval(model, tokenizer, json_path, image_root, batch_size=64, d
                                                 split["text_to_image"], chunk_size)
     metrics.update(skipped=split["skipped"], skipped_captions=split["skipped_captions"], seconds=split["seconds"])
     return metrics
+
+
+def retrieval_chance(text_to_image, n_images):
+    """Expected retrieval_metrics (percent) of random scores: IR@K = K / n_images; TR@K =
+    mean over captioned images of 1 - C(T - g, K) / C(T, K), g = that image's caption
+    count, T = all captions (the chance that one of its g captions lands in a random top K)."""
+    t2i = torch.as_tensor(text_to_image).long().cpu()
+    T = t2i.numel()
+    g = torch.bincount(t2i, minlength=n_images)
+    g = g[g > 0].double()
+    out = {}
+    for k in (1, 5, 10):
+        miss = torch.ones_like(g)
+        for j in range(min(k, T)):
+            miss = miss * ((T - g - j) / (T - j)).clamp(min=0)
+        out[f"tr{k}"] = (1 - miss).mean().item() * 100.0 if k < T else 100.0
+    for k in (1, 5, 10):
+        out[f"ir{k}"] = min(k, n_images) / n_images * 100.0
+    out["mean"] = sum(out.values()) / 6.0
+    return out
+
+
+def topk_gallery(query_emb, gallery_emb, k=5):
+    """(Q, min(k, G)) indices of each query's best gallery items, best first, equal scores
+    in gallery order (a stable sort). For figures; the metrics count ties against the model."""
+    s = query_emb.float() @ gallery_emb.float().T
+    return torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def embed_pairs(model, tokenizer, image_paths, texts, transform, batch_size=64, device="cpu", progress=True,
+                text_len=None, load_image=None):
+    """Run model.encode_pair over (image file, text) queries. Returns (emb (N, E) float on
+    CPU, ok (N,) bool); an unreadable image gives a zero row and ok=False (never fatal)."""
+    import data
+    load_image = load_image or data.load_image
+    text_len = text_len or model.cfg.max_text_len
+    n = len(image_paths)
+    ok = torch.zeros(n, dtype=torch.bool)
+    out, skipped, report = None, 0, _Progress("encode_pair", n, progress)
+    with _as_eval(model), torch.inference_mode():
+        for start in range(0, n, batch_size):
+            imgs, rows = [], []
+            for i in range(start, min(start + batch_size, n)):
+                try:
+                    imgs.append(transform(load_image(image_paths[i]), None))
+                    rows.append(i)
+                except (data.BadSample, OSError) as err:
+                    skipped += 1
+                    if skipped <= 5:
+                        print(f"encode_pair: skipping unreadable image {image_paths[i]}: {err}", file=sys.stderr)
+            if rows:
+                ids, mask = tokenizer([texts[i] for i in rows], text_len)
+                z = model.encode_pair(torch.stack(imgs).to(device), ids.to(device), mask.to(device)).float().cpu()
+                if out is None:
+                    out = torch.zeros(n, z.shape[1])
+                out[rows] = z
+                ok[rows] = True
+            report(min(start + batch_size, n), f" ({skipped} skipped)")
+    report(n, f" ({skipped} skipped)", final=True)
+    return (out if out is not None else torch.zeros(n, 0)), ok
+
+
+class _ImageCache:
+    """embed_images memoised by path, so the built-in evaluations encode each image once
+    (test images serve retrieval, zero-shot, the probe and the multimodal gallery)."""
+
+    def __init__(self, model, batch_size=64, device="cpu", progress=True):
+        import data
+        self.model, self.batch_size, self.device, self.progress = model, batch_size, device, progress
+        self.transform = data.ImageTransform(model.cfg.image_size, train=False)
+        self.memo = {}
+
+    def __call__(self, paths):
+        todo = list(dict.fromkeys(p for p in paths if p not in self.memo))
+        if todo:
+            emb, ok = embed_images(self.model, todo, self.transform, self.batch_size, self.device, self.progress)
+            for p, e, k in zip(todo, emb, ok.tolist()):
+                self.memo[p] = (e, k)
+        if not paths:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)
+        dim = max((e.numel() for e, _ in (self.memo[p] for p in paths)), default=0)
+        emb = torch.stack([e if e.numel() == dim else torch.zeros(dim) for e, _ in (self.memo[p] for p in paths)])
+        return emb, torch.tensor([self.memo[p][1] for p in paths], dtype=torch.bool)
+
+
+def retrieval_run(model, tokenizer, json_path, image_root, batch_size=64, device="cpu", chunk_size=1024,
+                  progress=True, image_embedder=None):
+    """evaluate_retrieval that also returns the embedded split (for figures) and the
+    chance level: (metrics + "chance" + "seconds" (all of it), split dict)."""
+    t0 = time.time()
+    split = embed_retrieval_split(model, tokenizer, json_path, image_root, batch_size, device, progress,
+                                  image_embedder=image_embedder)
+    metrics = retrieval_metrics_from_embeddings(split["image_emb"], split["text_emb"], split["text_to_image"],
+                                                chunk_size)
+    metrics.update(skipped=split["skipped"], skipped_captions=split["skipped_captions"],
+                   chance=retrieval_chance(split["text_to_image"], split["image_emb"].shape[0]),
+                   seconds=time.time() - t0)
+    return metrics, split
 
 
 # --------------------------------------------------------------------------- figures
@@ -555,3 +698,660 @@ def draw_embedding_pca_png(panels, path, size=320, title_h=24, legend_h=22):
         draw.text((x + 12, y), name, fill="black", font=font)
         x += 80
     canvas.save(path)
+
+
+# -------------------------------------------------------------------- built-in set
+# The built-in set (data.make_synth) carries its own evaluation files: test/test_comp
+# retrieval splits, attributes.json (class labels + prompt templates), boxes.json (object
+# boxes) and edits.json (source image + edit text -> target image). Each function below
+# turns one of them into numbers with their chance level beside them.
+
+ZEROSHOT_ATTRIBUTES = ("object", "shape", "colour")           # prompt-able class names
+PROBE_ATTRIBUTES = ("object", "shape", "colour", "size", "count")
+
+
+def _read_json_file(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_builtin(root="data/builtin"):
+    """Paths of the built-in set in `root` (data.ensure_synth's dict). An existing set is
+    used with the parameters in its synth.json; an absent one is made with the defaults."""
+    import os
+
+    import data
+    man = os.path.join(root, "synth.json")
+    kw = {}
+    if os.path.isfile(man):
+        m = _read_json_file(man)
+        kw = {k: m[k] for k in ("n_images", "seed", "image_size", "bpe_vocab") if k in m}
+    return data.ensure_synth(root, **kw)
+
+
+def _builtin_image_size(paths):
+    import os
+    return int(_read_json_file(os.path.join(paths["root"], "synth.json"))["image_size"])
+
+
+def _join(root, rel):
+    import os
+    return os.path.join(root, rel)
+
+
+def builtin_retrieval(model, tokenizer, paths, batch_size=64, device="cpu", progress=True, images=None):
+    """Zero-shot retrieval on the built-in test and test_comp (held-out colour-shape
+    pairs) splits: {split: retrieval_metrics keys + chance, skipped, seconds}."""
+    return {name: retrieval_run(model, tokenizer, paths[name], paths["image_root"], batch_size, device,
+                                progress=progress, image_embedder=images)[0]
+            for name in ("test", "test_comp")}
+
+
+def builtin_zeroshot(model, tokenizer, paths, batch_size=64, device="cpu", progress=True, images=None):
+    """Zero-shot classification of the test images' main object with the set's own class
+    names and prompt templates. Headline: "object" (colour + shape, 40 classes); also
+    shape and colour alone, and "object" on single-object images. Top-1/top-5 (percent)
+    with chance = k / classes."""
+    t0 = time.time()
+    images = images or _ImageCache(model, batch_size, device, progress)
+    attrs = _read_json_file(paths["attributes"])
+    rows = attrs["images"]["test"]
+    emb, ok = images([_join(paths["image_root"], r["image"]) for r in rows])
+    per = {}
+    for a in ZEROSHOT_ATTRIBUTES:
+        names = attrs["classes"][a]
+        w = zeroshot_classifier(model, tokenizer, names, attrs["templates"], device=device)
+        y = torch.tensor([r[a] for r in rows])
+        subsets = {a: ok}
+        if a == "object":
+            subsets["object_single"] = ok & torch.tensor([r["count"] == 0 for r in rows])
+        for key, m in subsets.items():
+            if m.any():
+                c = len(names)
+                per[key] = {**classification_accuracy(emb[m] @ w.T, y[m]), "n_images": int(m.sum()),
+                            "n_classes": c, "chance_top1": 100.0 / c, "chance_top5": 100.0 * min(5, c) / c}
+    head = per["object"]
+    return {"top1": head["top1"], "top5": head["top5"], "task": "object: colour + shape of the main object",
+            **{k: head[k] for k in ("n_images", "n_classes", "chance_top1", "chance_top5")},
+            "templates": list(attrs["templates"]), "attributes": per, "skipped": int((~ok).sum()),
+            "seconds": time.time() - t0}
+
+
+def _cached(cache_path, compute):
+    """compute() -> dict of tensors, saved to cache_path (atomically) or loaded from it."""
+    import os
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            return torch.load(cache_path, map_location="cpu", weights_only=True), True
+        except Exception as err:                                   # a torn or stale file: recompute
+            print(f"feature cache {cache_path} unreadable ({err}); recomputing", file=sys.stderr)
+    out = compute()
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        tmp = f"{cache_path}.tmp-{os.getpid()}"
+        torch.save(out, tmp)
+        os.replace(tmp, cache_path)
+    return out, False
+
+
+def builtin_linear_probe(model, paths, batch_size=64, device="cpu", progress=True, probe_train=2000, seed=0,
+                         images=None, cache_path=None):
+    """Linear probe (linear_probe: logistic regression, wd chosen on 10 % of train) on
+    frozen encode_image features: a seeded subsample of `probe_train` train images ->
+    test images, labels from attributes.json. Headline: "object"; also shape, colour,
+    size, count. Chance = the test share of the most frequent train class."""
+    t0 = time.time()
+    images = images or _ImageCache(model, batch_size, device, progress)
+    attrs = _read_json_file(paths["attributes"])
+    train_rows, test_rows = attrs["images"]["train"], attrs["images"]["test"]
+    pick = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed))[:probe_train]
+    train_rows = [train_rows[i] for i in sorted(pick.tolist())]
+
+    def compute():
+        xtr, oktr = images([_join(paths["image_root"], r["image"]) for r in train_rows])
+        xte, okte = images([_join(paths["image_root"], r["image"]) for r in test_rows])
+        return {"xtr": xtr, "oktr": oktr, "xte": xte, "okte": okte}
+    f, hit = _cached(cache_path, compute)
+    per = {}
+    for a in PROBE_ATTRIBUTES:
+        ytr = torch.tensor([r[a] for r in train_rows])[f["oktr"]]
+        yte = torch.tensor([r[a] for r in test_rows])[f["okte"]]
+        r = linear_probe(f["xtr"][f["oktr"]], ytr, f["xte"][f["okte"]], yte, device=device)
+        majority = torch.bincount(ytr).argmax()
+        per[a] = {**r, "chance_top1": (yte == majority).double().mean().item() * 100.0,
+                  "n_classes": len(attrs["classes"][a])}
+    head = per["object"]
+    return {"top1": head["top1"], "top5": head["top5"], "wd": head["wd"], "chance_top1": head["chance_top1"],
+            "task": "object: colour + shape of the main object", "n_train": int(f["oktr"].sum()),
+            "n_test": int(f["okte"].sum()), "attributes": per,
+            "skipped": int((~f["oktr"]).sum() + (~f["okte"]).sum()), "feature_cache": cache_path,
+            "cache_hit": hit, "seconds": time.time() - t0}
+
+
+def builtin_pointing(model, tokenizer, paths, batch_size=64, device="cpu", progress=True, seed=0, n_random=20,
+                     temperature=0.07):
+    """Pointing game over the test images' object boxes: for every object, the heat map
+    of its name ("red circle", embedded alone) over the patch features (patch_heatmap)
+    must peak inside its box. Chance: random heat maps (uniform random patch scores
+    through the same upsampling, mean of `n_random` seeded draws) and a random pixel
+    (random_pointing_baseline). Also the subset of images with 2-3 objects, where the
+    word has to pick the right object."""
+    import data
+    t0 = time.time()
+    S = _builtin_image_size(paths)
+    entries = _read_json_file(paths["boxes"])["test"]
+    transform = data.ImageTransform(model.cfg.image_size, train=False)
+    patches, ok = embed_images(model, [_join(paths["image_root"], e["image"]) for e in entries], transform,
+                               batch_size, device, progress, encode=model.encode_patches, what="encode_patches")
+    names = sorted({o["name"] for e in entries for o in e["objects"]})
+    temb = embed_texts(model, tokenizer, names, batch_size=4 * batch_size, device=device, progress=False)
+    g = model.cfg.grid
+    hms, boxes, multi = [], [], []
+    for i, e in enumerate(entries):
+        if not ok[i]:
+            continue
+        for o in e["objects"]:
+            hms.append(patch_heatmap(patches[i], temb[names.index(o["name"])], (g, g), (S, S), temperature))
+            boxes.append(o["box"])
+            multi.append(len(e["objects"]) > 1)
+    hms, boxes, multi = torch.stack(hms), torch.tensor(boxes, dtype=torch.float64), torch.tensor(multi)
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_maps(n):
+        r = torch.rand(n_random * n, 1, g, g, generator=gen)
+        return F.interpolate(r, size=(S, S), mode="bilinear", align_corners=False)[:, 0].reshape(n_random, n, S, S)
+
+    def score(m):
+        rnd = random_maps(int(m.sum()))
+        return {"accuracy": pointing_game(hms[m], boxes[m]), "n": int(m.sum()),
+                "random_heatmaps": sum(pointing_game(r, boxes[m]) for r in rnd) / n_random,
+                "random_pixel": random_pointing_baseline(boxes[m], S, S)}
+    out = score(torch.ones(len(boxes), dtype=torch.bool))
+    if multi.any():
+        out["multi_object"] = score(multi)
+    out.update(query="object name alone, e.g. 'red circle'", temperature=temperature,
+               skipped=int((~ok).sum()), seconds=time.time() - t0)
+    return out
+
+
+def multimodal_retrieval(model, tokenizer, edits_path, image_root, batch_size=64, device="cpu", progress=True,
+                         images=None):
+    """Multimodal retrieval on edit triplets (edits.json layout: {"gallery": [image paths
+    relative to image_root], "triplets": [{"source": path, "text": edit, "target_index":
+    index into gallery}, ...]}). Query = encode_pair(source image, edit text), matched
+    against encode_image of the gallery; R@1/5/10 (percent) beside the image-only
+    (source image embedding), text-only (edit text) and image+text (normalised sum of the
+    two) queries, and chance K / gallery size. Unreadable images are left out."""
+    import data
+    t0 = time.time()
+    images = images or _ImageCache(model, batch_size, device, progress)
+    edits = _read_json_file(edits_path)
+    trip = edits["triplets"]
+    gal, gok = images([_join(image_root, p) for p in edits["gallery"]])
+    src = [_join(image_root, t["source"]) for t in trip]
+    texts = [t["text"] for t in trip]
+    transform = data.ImageTransform(model.cfg.image_size, train=False)
+    pair, pok = embed_pairs(model, tokenizer, src, texts, transform, batch_size, device, progress)
+    img, iok = images(src)
+    txt = embed_texts(model, tokenizer, texts, batch_size=4 * batch_size, device=device, progress=False)
+    target = torch.tensor([t["target_index"] for t in trip], dtype=torch.long)
+    keep = pok & iok & gok[target]
+    new_index = torch.cumsum(gok.long(), 0) - 1                 # gallery index among readable ones
+    gal, tgt = gal[gok], new_index[target[keep]]
+    queries = {"pair": pair, "image_only": img, "text_only": txt, "image_plus_text": F.normalize(img + txt, dim=-1)}
+    out = {k: recall_at_k(q[keep], gal, tgt) for k, q in queries.items()}
+    G = gal.shape[0]
+    out["chance"] = {f"r{k}": 100.0 * min(k, G) / G for k in (1, 5, 10)}
+    return {**out["pair"], **out, "n_queries": int(keep.sum()), "gallery_size": G,
+            "skipped": int((~keep).sum()), "seconds": time.time() - t0}
+
+
+def evaluate_builtin(model, tokenizer, builtin_paths, device="cpu", batch_size=64, probe_train=2000, progress=True,
+                     seed=0):
+    """Every built-in evaluation of one model (on `device` already): retrieval on test
+    and test_comp, zero-shot classification, linear probe, pointing game, multimodal
+    retrieval, each with its chance level and "seconds". builtin_paths: the dict of
+    data.ensure_synth / open_builtin. Each test image is encoded once."""
+    t0 = time.time()
+    images = _ImageCache(model, batch_size, device, progress)
+    p = builtin_paths
+    out = {"retrieval": builtin_retrieval(model, tokenizer, p, batch_size, device, progress, images),
+           "zeroshot": builtin_zeroshot(model, tokenizer, p, batch_size, device, progress, images),
+           "linear_probe": builtin_linear_probe(model, p, batch_size, device, progress, probe_train, seed, images),
+           "pointing": builtin_pointing(model, tokenizer, p, batch_size, device, progress, seed),
+           "multimodal": multimodal_retrieval(model, tokenizer, p["edits"], p["image_root"], batch_size, device,
+                                              progress, images)}
+    out["seconds"] = time.time() - t0
+    return out
+
+
+# ------------------------------------------------------------ image folders, one image
+
+def _file_key(*parts):
+    import hashlib
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+
+def folder_features(model, root, batch_size=64, device="cpu", progress=True, cache_dir=None, model_key="",
+                    class_names_file=None):
+    """encode_image features of an image folder (root/<class>/<image>, data.ImageFolderDataset).
+    Returns ({"x", "y", "ok"}, class_names, cache path or None). Cached in cache_dir as
+    features_<hash of model_key, root, file list, image size>.pt."""
+    import os
+
+    import data
+    ds = data.ImageFolderDataset(root, data.ImageTransform(model.cfg.image_size, train=False), class_names_file)
+    if not ds.samples:
+        raise FileNotFoundError(f"no images in the class folders of {root}. Expected layout: "
+                                f"{root}/<class>/<image>.jpg (ImageNet validation layout)")
+    cache = None
+    if cache_dir:
+        key = _file_key(model_key, os.path.abspath(root), model.cfg.image_size, [p for p, _ in ds.samples])
+        cache = os.path.join(cache_dir, f"features_{key}.pt")
+
+    def compute():
+        x, ok = embed_images(model, [p for p, _ in ds.samples], ds.transform, batch_size, device, progress)
+        return {"x": x, "ok": ok, "y": torch.tensor([c for _, c in ds.samples], dtype=torch.long)}
+    feats, _ = _cached(cache, compute)
+    return feats, ds.class_names, cache
+
+
+def read_templates(path):
+    """One prompt template per line, each containing "{}" (blank lines ignored)."""
+    lines = [l.strip() for l in open(path).read().splitlines() if l.strip()]
+    bad = [l for l in lines if "{}" not in l]
+    if not lines or bad:
+        raise ValueError(f"{path}: expected one template per line, each containing '{{}}' "
+                         f"(e.g. 'a photo of a {{}}.'); {'no templates' if not lines else f'bad: {bad[:3]}'}")
+    return lines
+
+
+def folder_zeroshot(model, tokenizer, root, templates=SLIP_TEMPLATES, class_names_file=None, batch_size=64,
+                    device="cpu", progress=True, cache_dir=None, model_key=""):
+    """Zero-shot classification of an image folder (class names: the file, else folder
+    names with "_" -> " "): top-1/top-5 percent, chance k / classes."""
+    t0 = time.time()
+    f, names, cache = folder_features(model, root, batch_size, device, progress, cache_dir, model_key,
+                                      class_names_file)
+    if class_names_file is None:
+        names = [n.replace("_", " ") for n in names]
+    w = zeroshot_classifier(model, tokenizer, names, templates, device=device)
+    c = len(names)
+    return {**classification_accuracy(f["x"][f["ok"]] @ w.T, f["y"][f["ok"]]), "n_images": int(f["ok"].sum()),
+            "n_classes": c, "chance_top1": 100.0 / c, "chance_top5": 100.0 * min(5, c) / c,
+            "templates": list(templates), "skipped": int((~f["ok"]).sum()), "feature_cache": cache,
+            "seconds": time.time() - t0}
+
+
+def folder_linear_probe(model, train_root, val_root, batch_size=64, device="cpu", progress=True, cache_dir=None,
+                        model_key=""):
+    """Linear probe, train folder -> val folder (same class folders): top-1/top-5."""
+    t0 = time.time()
+    ftr, ctr, c1 = folder_features(model, train_root, batch_size, device, progress, cache_dir, model_key)
+    fva, cva, c2 = folder_features(model, val_root, batch_size, device, progress, cache_dir, model_key)
+    if ctr != cva:
+        raise ValueError(f"class folders differ between {train_root} ({len(ctr)}) and {val_root} ({len(cva)})")
+    r = linear_probe(ftr["x"][ftr["ok"]], ftr["y"][ftr["ok"]], fva["x"][fva["ok"]], fva["y"][fva["ok"]], device=device)
+    majority = torch.bincount(ftr["y"][ftr["ok"]]).argmax()
+    return {**r, "chance_top1": (fva["y"][fva["ok"]] == majority).double().mean().item() * 100.0,
+            "n_train": int(ftr["ok"].sum()), "n_test": int(fva["ok"].sum()), "n_classes": len(ctr),
+            "skipped": int((~ftr["ok"]).sum() + (~fva["ok"]).sum()), "feature_cache": [c1, c2],
+            "seconds": time.time() - t0}
+
+
+def _center_square(img, max_side=512):
+    # the region the eval transform sees (shorter side, centred), for display
+    w, h = img.size
+    s = min(w, h)
+    l, t = (w - s) // 2, (h - s) // 2
+    sq = img.crop((l, t, l + s, t + s))
+    return sq.resize((max_side, max_side), Image.BICUBIC) if s > max_side else sq
+
+
+def localize(model, tokenizer, image, text, out_png, device="cpu", temperature=0.07):
+    """Word-patch heat maps (METHOD.md §6) of each whitespace-separated word of `text`,
+    each word embedded alone with encode_text, over `image` (a path or PIL image), drawn
+    with draw_heatmaps_png (the centre square the model sees, then one panel per word).
+    Returns {"words", "png", "png_size", "peaks": [(row, col) patch of each map's max]}."""
+    import data
+    pil = data.load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    shown = _center_square(pil)
+    x = data.ImageTransform(model.cfg.image_size, train=False)(pil, None)[None].to(device)
+    words = text.split()
+    if not words:
+        raise ValueError("--localize needs a non-empty text")
+    with _as_eval(model), torch.inference_mode():
+        patches = model.encode_patches(x)[0].float().cpu()          # (P, E)
+    temb = embed_texts(model, tokenizer, words, device=device, progress=False)
+    g = model.cfg.grid
+    hms = [patch_heatmap(patches, t, (g, g), (g, g), temperature) for t in temb]   # grid-resolution maps
+    draw_heatmaps_png(shown, words, hms, out_png)
+    peaks = [divmod(int(h.flatten().argmax()), g) for h in hms]
+    return {"words": words, "png": out_png, "png_size": list(Image.open(out_png).size), "peaks": peaks}
+
+
+def draw_builtin_localization(model, tokenizer, paths, out_png, device="cpu", temperature=0.07):
+    """The first test image with the most objects, one panel per object name."""
+    import data
+    entries = _read_json_file(paths["boxes"])["test"]
+    e = max(entries, key=lambda e: len(e["objects"]))
+    img = data.load_image(_join(paths["image_root"], e["image"]))
+    x = data.ImageTransform(model.cfg.image_size, train=False)(img, None)[None].to(device)
+    names = [o["name"] for o in e["objects"]]
+    with _as_eval(model), torch.inference_mode():
+        patches = model.encode_patches(x)[0].float().cpu()
+    temb = embed_texts(model, tokenizer, names, device=device, progress=False)
+    g = model.cfg.grid
+    draw_heatmaps_png(img, names, [patch_heatmap(patches, t, (g, g), (g, g), temperature) for t in temb], out_png)
+    return out_png
+
+
+def draw_retrieval_examples(split, path, n_queries=8, k=5, seed=0):
+    """Grid of text -> image retrieval examples from an embedded split (retrieval_run's):
+    `n_queries` seeded captions, each with its top-k images, the ground truth in green."""
+    n = len(split["captions"])
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_queries].sort().values
+    top = topk_gallery(split["text_emb"][pick], split["image_emb"], k)
+    gt = split["text_to_image"][pick]
+    draw_retrieval_grid_png([split["captions"][i] for i in pick.tolist()],
+                            [[split["image_paths"][j] for j in row] for row in top.tolist()],
+                            [[j == int(t) for j in row] for row, t in zip(top.tolist(), gt)], path)
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+POSTER = {  # METHOD.md §7, COCO 5K test
+    "zero-shot": {"tr1": 62.9, "tr5": 86.3, "ir1": 47.0, "ir5": 74.7},
+    "fine-tuned": {"tr1": 66.1, "tr5": 87.8, "ir1": 48.3, "ir5": 76.0},
+}
+POSTER_LABEL = "poster (4M pairs, B/16)"
+_EXAMPLE = '[{"image": "%s", "caption": ["a caption", "another caption", ...]}, ...]'
+LAYOUTS = {
+    "coco": ("coco_karpathy_test.json", "val2014/COCO_val2014_000000391895.jpg"),
+    "flickr": ("flickr30k_test.json", "flickr30k-images/1007129816.jpg"),
+}
+
+
+class EvalError(Exception):
+    """A user error (missing file, bad layout): printed as one line, exit code 2."""
+
+
+def _retrieval_specs(a):
+    """[(name, json, image_root)] from --coco / --flickr / --retrieval, checked up front."""
+    import os
+    specs = []
+    for name in ("coco", "flickr"):
+        d = getattr(a, name)
+        if not d:
+            continue
+        fname, example = LAYOUTS[name]
+        js = os.path.join(d, fname)
+        layout = (f"--{name} DIR expects DIR/{fname}, the ALBEF/BLIP annotation file (a JSON list "
+                  f"{_EXAMPLE % example}), with the images under DIR (or under --image_root)")
+        if not os.path.isfile(js):
+            raise EvalError(f"annotation file {js} not found. Expected layout: {layout}")
+        specs.append((name, js, a.image_root or d, layout))
+    if a.retrieval:
+        layout = (f"--retrieval JSON --image_root DIR: JSON is a list {_EXAMPLE % 'relative/path.jpg'} "
+                  "(ALBEF/BLIP layout), each image at DIR/<image>")
+        if not os.path.isfile(a.retrieval):
+            raise EvalError(f"annotation file {a.retrieval} not found. Expected layout: {layout}")
+        if not a.image_root:
+            raise EvalError(f"--retrieval {a.retrieval} needs --image_root DIR. Expected layout: {layout}")
+        specs.append((os.path.splitext(os.path.basename(a.retrieval))[0], a.retrieval, a.image_root, layout))
+    for name, js, root, layout in specs:
+        if not os.path.isdir(root):
+            raise EvalError(f"image root {root} is not a directory (images of {js}). Expected layout: {layout}")
+    return specs
+
+
+def _parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="eval.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Evaluate a OneR checkpoint (METHOD.md §6). With no data flag: zero-shot retrieval on "
+                    "the built-in test splits; --all: every built-in evaluation.",
+        epilog="examples:\n"
+               "  python eval.py --checkpoint runs/demo/best.pt --all --out runs/demo/eval.json\n"
+               "  python eval.py --checkpoint ckpt.pt --coco /data/coco --grid coco_grid.png\n"
+               "  python eval.py --checkpoint ckpt.pt --zeroshot /data/imagenet/val --classnames names.txt\n"
+               "  python eval.py --checkpoint ckpt.pt --linear_probe /data/cifar/train /data/cifar/val\n"
+               "  python eval.py --checkpoint ckpt.pt --localize photo.jpg \"a dog on a red sofa\"")
+    p.add_argument("--checkpoint", required=True, help="train.py checkpoint (RUN_DIR/ckpt_*.pt or best.pt)")
+    g = p.add_argument_group("retrieval")
+    g.add_argument("--coco", metavar="DIR", help="DIR/coco_karpathy_test.json + images under DIR")
+    g.add_argument("--flickr", metavar="DIR", help="DIR/flickr30k_test.json + images under DIR")
+    g.add_argument("--retrieval", metavar="JSON", help="any ALBEF/BLIP split (with --image_root)")
+    g.add_argument("--image_root", metavar="DIR", help="image root (overrides DIR of --coco/--flickr)")
+    g.add_argument("--grid", metavar="PNG", help="PNG grid of text -> top-5 image examples")
+    g = p.add_argument_group("other evaluations ('builtin' = the built-in set)")
+    g.add_argument("--zeroshot", metavar="DIR", help="image folder (root/<class>/<image>) or 'builtin'")
+    g.add_argument("--classnames", metavar="FILE",
+                   help="class names, one per line in sorted-folder order (.txt) or .json")
+    g.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with '{}' (default: SLIP's 7)")
+    g.add_argument("--linear_probe", nargs="+", metavar="DIR", help="TRAIN_DIR VAL_DIR (image folders) or 'builtin'")
+    g.add_argument("--probe_train", type=int, default=2000, help="built-in probe: train images used (default 2000)")
+    g.add_argument("--localize", nargs="+", metavar="ARG", help="IMAGE \"text\" (a heat map per word), or 'builtin' "
+                   "(pointing game over the object boxes)")
+    g.add_argument("--out_png", metavar="PNG", help="localisation figure (default localize.png for IMAGE \"text\")")
+    g.add_argument("--multimodal", nargs="?", const="builtin", metavar="EDITS_JSON",
+                   help="(image, text) -> image retrieval; default the built-in edits.json "
+                        "(another file in that layout needs --image_root)")
+    g.add_argument("--all", action="store_true", help="every built-in evaluation (evaluate_builtin)")
+    g.add_argument("--builtin", metavar="DIR", help="built-in set (default: the checkpoint's data_dir, "
+                   "else data/builtin; made if absent)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="JSON", help="write all results here")
+    g.add_argument("--cache_dir", metavar="DIR", help="feature cache (default: --out's folder, else the checkpoint's)")
+    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="evaluate at this resolution (position table interpolated)")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _f(v, w=6):
+    return f"{v:{w}.1f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+
+
+def format_report(res):
+    """The printed table: every section present in `res` (main()'s result dict)."""
+    L = []
+    keys = ("tr1", "tr5", "tr10", "ir1", "ir5", "ir10", "mean")
+    if res.get("retrieval"):
+        heads = [k.upper().replace("TR", "TR@").replace("IR", "IR@") for k in keys]
+        L.append("\n" + "zero-shot retrieval (%)".ljust(40) + "".join(f"{h:>7}" for h in heads)
+                 + "  images captions skipped    time")
+        for name, r in res["retrieval"].items():
+            L.append(f"  {name:<37}" + "".join(" " + _f(r.get(k)) for k in keys)
+                     + f"  {r['n_images']:>6} {r['n_texts']:>8} {r['skipped']:>7} {r['seconds']:6.1f}s")
+            if r.get("chance"):
+                L.append(f"    {'chance (random scores)':<35}" + "".join(" " + _f(r["chance"].get(k)) for k in keys))
+            if name == "coco":
+                for kind, p in POSTER.items():
+                    L.append(f"    {POSTER_LABEL + ' ' + kind:<35}" + "".join(" " + _f(p.get(k)) for k in keys))
+    for sec, title in (("zeroshot", "zero-shot classification (%)"), ("linear_probe", "linear probe (%)")):
+        r = res.get(sec)
+        if not r:
+            continue
+        L.append(f"\n{title:<40}  top1   top5 chance@1 chance@5  images classes    time")
+        rows = r.get("attributes") or {r.get("dataset", "val"): r}
+        for name, a in rows.items():
+            n = a.get("n_images", a.get("n_test", r.get("n_test")))
+            L.append(f"  {name:<37} {_f(a['top1'])} {_f(a['top5'])}   {_f(a.get('chance_top1'))}   "
+                     f"{_f(a.get('chance_top5'))}  {n:>6} {a.get('n_classes', '?'):>7} {r['seconds']:6.1f}s")
+        if sec == "linear_probe":
+            L.append(f"    (chance@1 = share of the most frequent train class; train images {r.get('n_train')}, "
+                     f"wd chosen {r.get('wd')})")
+    r = res.get("pointing")
+    if r:
+        L.append(f"\n{'pointing game (%)':<40}  ours  random heat maps  random pixel  objects    time")
+        for name, a in (("all objects", r), ("images with 2-3 objects", r.get("multi_object"))):
+            if a:
+                L.append(f"  {name:<37}{_f(a['accuracy'])}  {_f(a['random_heatmaps'], 15)}  {_f(a['random_pixel'], 12)}"
+                         f"  {a['n']:>7} {r['seconds']:6.1f}s")
+    r = res.get("localize")
+    if r:
+        w, h = r["png_size"]
+        L.append(f"\nlocalisation: {len(r['words'])} word heat maps -> {r['png']} ({w}x{h})")
+    r = res.get("multimodal")
+    if r:
+        L.append(f"\n{'multimodal retrieval (%)':<40}   R@1    R@5   R@10  queries gallery    time")
+        for name, label in (("pair", "(image, text) query, encode_pair"), ("image_only", "image only"),
+                            ("text_only", "text only"), ("image_plus_text", "image + text (sum)"),
+                            ("chance", "chance")):
+            L.append(f"  {label:<37} " + " ".join(_f(r[name].get(f"r{k}")) for k in (1, 5, 10))
+                     + (f"  {r['n_queries']:>7} {r['gallery_size']:>7} {r['seconds']:6.1f}s" if name == "pair" else ""))
+    return "\n".join(L)
+
+
+def main(argv=None):
+    """CLI entry point; returns the exit code (2 for a user error, printed as one line)."""
+    import json
+    a = _parser().parse_args(argv)
+    try:
+        return _main(a)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "could be read" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(a):
+    import json
+    import os
+    t_all = time.time()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: no CUDA device is available (use --device cpu)")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.linear_probe and not (len(a.linear_probe) == 2 or a.linear_probe == ["builtin"]):
+        raise EvalError("--linear_probe takes TRAIN_DIR VAL_DIR (image folders) or 'builtin'")
+    if a.localize and not (len(a.localize) == 2 or a.localize == ["builtin"]):
+        raise EvalError("--localize takes IMAGE \"text\" or 'builtin'")
+    if a.templates:
+        templates = read_templates(a.templates)
+    else:
+        templates = SLIP_TEMPLATES
+    specs = _retrieval_specs(a)
+    if a.localize and a.localize != ["builtin"] and not os.path.isfile(a.localize[0]):
+        raise EvalError(f"--localize: image {a.localize[0]} not found")
+    for d in ([a.zeroshot] if a.zeroshot and a.zeroshot != "builtin" else []) + \
+             (a.linear_probe if a.linear_probe and a.linear_probe != ["builtin"] else []):
+        if not os.path.isdir(d):
+            raise EvalError(f"image folder {d} is not a directory. Expected layout: {d}/<class>/<image>.jpg, "
+                            "one subfolder per class (ImageNet validation layout)")
+
+    model, tokenizer, ck = load_checkpoint(a.checkpoint, image_size=a.image_size)
+    model.to(device).eval()
+    tc = ck.get("train_config") or {}
+    model_key = _file_key(os.path.abspath(a.checkpoint), os.path.getsize(a.checkpoint),
+                          os.stat(a.checkpoint).st_mtime_ns, a.image_size)
+    cache_dir = a.cache_dir or os.path.dirname(os.path.abspath(a.out or a.checkpoint))
+    progress, bs = not a.quiet, a.batch_size
+    cfg = model.cfg
+    res = {"checkpoint": a.checkpoint, "step": ck.get("step"), "fine_tuned_from": tc.get("init_from") or None,
+           "model": {k: getattr(cfg, k) for k in ("image_size", "patch_size", "width", "depth", "heads", "embed_dim")},
+           "device": str(device), "batch_size": bs}
+    print(f"OneR evaluation of {a.checkpoint} (step {ck.get('step')}; width {cfg.width}, depth {cfg.depth}, "
+          f"patch {cfg.patch_size}, image {cfg.image_size}, embed {cfg.embed_dim}) on {device}, batch {bs}",
+          flush=True)
+
+    other = a.zeroshot or a.linear_probe or a.localize or a.multimodal
+    need_builtin = a.all or (not specs and not other) or "builtin" in (
+        [a.zeroshot, a.multimodal] + list(a.linear_probe or []) + list(a.localize or []))
+    paths = None
+    if need_builtin:
+        root = a.builtin or (tc.get("data_dir") if tc.get("data") == "builtin" and tc.get("data_dir") else None) \
+            or "data/builtin"
+        paths = open_builtin(root)
+        res["builtin"] = paths["root"]
+    images = _ImageCache(model, bs, device, progress)
+    if a.all:
+        res.update(evaluate_builtin(model, tokenizer, paths, device, bs, a.probe_train, progress))
+        res["builtin_seconds"] = res.pop("seconds")
+        res["retrieval"] = {f"builtin {k}": v for k, v in res["retrieval"].items()}
+    grids = []
+    if not a.all and (specs or not other):
+        res["retrieval"] = {}
+        runs = specs or [(f"builtin {s}", paths[s], paths["image_root"], "") for s in ("test", "test_comp")]
+        for name, js, root, _ in runs:
+            m, split = retrieval_run(model, tokenizer, js, root, bs, device, progress=progress,
+                                     image_embedder=images if name.startswith("builtin") else None)
+            if name == "coco":
+                m["poster"] = {POSTER_LABEL + " " + k: v for k, v in POSTER.items()}
+            res["retrieval"][name] = m
+            if a.grid:
+                stem, ext = os.path.splitext(a.grid)
+                path = a.grid if len(runs) == 1 or name == runs[0][0] else f"{stem}_{name.replace(' ', '_')}{ext}"
+                grids.append(draw_retrieval_examples(split, path))
+    elif a.all and a.grid:
+        m, split = retrieval_run(model, tokenizer, paths["test"], paths["image_root"], bs, device,
+                                 progress=progress, image_embedder=images)
+        grids.append(draw_retrieval_examples(split, a.grid))
+    if grids:
+        res["grid"] = grids
+    if a.zeroshot and not (a.all and a.zeroshot == "builtin"):
+        if a.zeroshot == "builtin":
+            res["zeroshot"] = builtin_zeroshot(model, tokenizer, paths, bs, device, progress, images)
+        else:
+            res["zeroshot"] = folder_zeroshot(model, tokenizer, a.zeroshot, templates, a.classnames, bs, device,
+                                              progress, cache_dir, model_key)
+            res["zeroshot"]["dataset"] = a.zeroshot
+    if a.linear_probe and not (a.all and a.linear_probe == ["builtin"]):
+        if a.linear_probe == ["builtin"]:
+            cache = os.path.join(cache_dir, f"features_{_file_key(model_key, paths['root'], a.probe_train)}.pt")
+            res["linear_probe"] = builtin_linear_probe(model, paths, bs, device, progress, a.probe_train,
+                                                       images=images, cache_path=cache)
+        else:
+            res["linear_probe"] = folder_linear_probe(model, *a.linear_probe, bs, device, progress, cache_dir,
+                                                      model_key)
+            res["linear_probe"]["dataset"] = a.linear_probe[1]
+    if a.localize:
+        t0 = time.time()
+        if a.localize == ["builtin"]:
+            if not a.all:
+                res["pointing"] = builtin_pointing(model, tokenizer, paths, bs, device, progress)
+            if a.out_png:
+                res["localize_png"] = draw_builtin_localization(model, tokenizer, paths, a.out_png, device)
+        else:
+            res["localize"] = localize(model, tokenizer, a.localize[0], a.localize[1], a.out_png or "localize.png",
+                                       device)
+            res["localize"]["seconds"] = time.time() - t0
+    if a.multimodal and not (a.all and a.multimodal == "builtin"):
+        if a.multimodal == "builtin":
+            res["multimodal"] = multimodal_retrieval(model, tokenizer, paths["edits"], paths["image_root"], bs,
+                                                     device, progress, images)
+        else:
+            if not os.path.isfile(a.multimodal) or not a.image_root:
+                raise EvalError(f"--multimodal {a.multimodal}: expected an edits file {{\"gallery\": [image paths], "
+                                "\"triplets\": [{\"source\": path, \"text\": ..., \"target_index\": i}]}} and "
+                                "--image_root DIR holding the paths")
+            res["multimodal"] = multimodal_retrieval(model, tokenizer, a.multimodal, a.image_root, bs, device,
+                                                     progress, images)
+    res["seconds"] = time.time() - t_all
+    print(format_report(res))
+    for g in grids:
+        print(f"wrote retrieval examples {g}")
+    if res.get("localize_png"):
+        print(f"wrote {res['localize_png']}")
+    print(f"\ntotal time {res['seconds']:.1f}s")
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
