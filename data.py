@@ -370,7 +370,7 @@ class ImageTransform:
     train with crop=True: random resized crop (area scale crop_scale, aspect 3/4..4/3),
     then optional horizontal flip. All randomness from the given numpy Generator."""
 
-    def __init__(self, image_size: int, train: bool, crop_scale=(0.5, 1.0), flip: bool = False,
+    def __init__(self, image_size: int, train: bool = False, crop_scale=(0.5, 1.0), flip: bool = False,
                  crop: bool = True):
         self.size, self.train, self.scale, self.flip, self.crop = image_size, train, tuple(crop_scale), flip, crop
         self._mean = np.array(CLIP_MEAN, dtype=np.float32) * 255
@@ -769,13 +769,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
     virtual worker t % num_workers. Each slot reads its shards (cycling them if they run
     short) through a shuffle buffer and yields exactly local_batch samples per step it
     serves, so every rank sees the same number of steps per epoch:
-    steps_per_epoch = samples_per_epoch // (local_batch * world_size)."""
+    steps_per_epoch = epoch_samples // (local_batch * world_size). local_batch is set by
+    make_loader; the start step by load_state_dict(state_at(step)), start_step, or the
+    ResumableSampler(len(ds), global_batch, start_step=step) handed to make_loader."""
 
     IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
     def __init__(self, urls, tokenizer: Tokenizer, text_len: int, transform: ImageTransform,
-                 masker: Masker | None, seed: int, local_batch: int, samples_per_epoch: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000, start_step: int = 0):
+                 masker: Masker | None, seed: int, epoch_samples: int, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, local_batch: int | None = None, start_step: int = 0):
         self.shards = expand_braces(urls) if isinstance(urls, str) else [str(u) for u in urls]
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
@@ -784,16 +786,27 @@ class ShardDataset(torch.utils.data.IterableDataset):
                                     "per sample (img2dataset/webdataset layout)")
         self.tokenizer, self.text_len, self.transform, self.masker, self.seed = (
             tokenizer, text_len, transform, masker, seed)
-        self.local_batch, self.rank, self.world_size = local_batch, rank, world_size
+        self.epoch_samples, self.rank, self.world_size = epoch_samples, rank, world_size
         self.shuffle_buffer = shuffle_buffer
-        self.steps_per_epoch = samples_per_epoch // (local_batch * world_size)
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch={samples_per_epoch} < local_batch*world_size")
+        self.local_batch = local_batch  # make_loader sets it when None
         self.start_step = start_step
         self.bad_count = 0
         self._counts: dict[str, int] = {}
 
-    # resume: the trainer passes the step it resumes from (state_at(step) -> load_state_dict)
+    def __len__(self):  # samples per epoch (all ranks), like len(PairDataset)
+        return self.epoch_samples
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.local_batch is None:
+            raise ValueError("ShardDataset: local_batch unknown; pass it or build the loader with make_loader")
+        spe = self.epoch_samples // (self.local_batch * self.world_size)
+        if spe < 1:
+            raise ValueError(f"epoch_samples={self.epoch_samples} < local_batch*world_size")
+        return spe
+
+    # resume: the trainer passes the step it resumes from (state_at(step) -> load_state_dict,
+    # or a ResumableSampler(len(ds), global_batch, start_step=step) given to make_loader)
     def state_at(self, step: int) -> dict:
         return {"epoch": step // self.steps_per_epoch, "step": step % self.steps_per_epoch}
 
@@ -989,8 +1002,17 @@ def make_loader(dataset, sampler, local_batch: int, workers: int = 0) -> torch.u
     if workers > 0:
         kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        if sampler is not None:
-            raise ValueError("an IterableDataset (ShardDataset) takes no sampler")
+        if isinstance(dataset, ShardDataset):
+            dataset.local_batch = local_batch
+            if isinstance(sampler, ResumableSampler):  # only its start state is used
+                if sampler.G != local_batch * dataset.world_size:
+                    raise ValueError("sampler global_batch != local_batch * world_size")
+                st = sampler.state_dict()
+                dataset.start_step = st["epoch"] * dataset.steps_per_epoch + st["position"] // sampler.G
+            elif sampler is not None:
+                raise ValueError("ShardDataset streams; pass no sampler (or a ResumableSampler for its start step)")
+        elif sampler is not None:
+            raise ValueError("an IterableDataset takes no sampler")
         return torch.utils.data.DataLoader(dataset, **kw)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, **kw)
 
@@ -1119,25 +1141,28 @@ def _region(o, S: int) -> tuple:
 
 def _place(rng, sizes, S: int, tries: int = 60):
     """Integer boxes for objects of the given pixel sizes: 1 px margin, >= 1 px gaps, every
-    pair clearly in one relation; None if no placement found."""
-    for _ in range(tries):
-        boxes = []
-        for d in sizes:
-            x0, y0 = int(rng.integers(1, S - d)), int(rng.integers(1, S - d))
-            boxes.append((x0, y0, x0 + d, y0 + d))
-        ok = True
-        for (a, b) in itertools.combinations(boxes, 2):
-            sep = a[2] + 1 <= b[0] or b[2] + 1 <= a[0] or a[3] + 1 <= b[1] or b[3] + 1 <= a[1]
-            dx, dy = abs((a[0] + a[2]) - (b[0] + b[2])) / 2, abs((a[1] + a[3]) - (b[1] + b[3])) / 2
-            if not sep or max(dx, dy) < 1.5 * min(dx, dy):
-                ok = False
-                break
-        if ok and len(boxes) == 1:  # single object: keep its centre off the region borders
-            c = (boxes[0][0] + boxes[0][2]) / 2, (boxes[0][1] + boxes[0][3]) / 2
-            ok = all(abs(v - t) >= 1.5 for v in c for t in (S / 3, 2 * S / 3))
-        if ok:
-            return boxes
-    return None
+    pair clearly in one relation; None if none of `tries` random placements works."""
+    d = np.asarray(sizes)
+    n = len(d)
+    x0 = 1 + np.floor(rng.random((tries, n)) * (S - d - 1)).astype(int)  # (T, n)
+    y0 = 1 + np.floor(rng.random((tries, n)) * (S - d - 1)).astype(int)
+    x1, y1 = x0 + d, y0 + d
+    ok = np.ones(tries, dtype=bool)
+    for i, j in itertools.combinations(range(n), 2):
+        sep = (x1[:, i] + 1 <= x0[:, j]) | (x1[:, j] + 1 <= x0[:, i]) | \
+              (y1[:, i] + 1 <= y0[:, j]) | (y1[:, j] + 1 <= y0[:, i])
+        dx = np.abs((x0[:, i] + x1[:, i]) - (x0[:, j] + x1[:, j])) / 2
+        dy = np.abs((y0[:, i] + y1[:, i]) - (y0[:, j] + y1[:, j])) / 2
+        ok &= sep & (np.maximum(dx, dy) >= 1.5 * np.minimum(dx, dy))
+    if n == 1:  # single object: keep its centre off the region borders
+        for c in ((x0[:, 0] + x1[:, 0]) / 2, (y0[:, 0] + y1[:, 0]) / 2):
+            for t in (S / 3, 2 * S / 3):
+                ok &= np.abs(c - t) >= 1.5
+    k = np.flatnonzero(ok)
+    if len(k) == 0:
+        return None
+    k = k[0]
+    return [(int(x0[k, i]), int(y0[k, i]), int(x1[k, i]), int(y1[k, i])) for i in range(n)]
 
 
 def _sample_scene(rng, S: int, comp: bool) -> dict:

@@ -54,7 +54,7 @@ def make(root, tok, rank, world, lb, spe, n_shards, buffer=16, **kw):
     masker = data.Masker(4, 0.5, "random", 0.15, tok.vocab_size, tok.word_starts(), 4)
     return data.ShardDataset(str(root / ("{00000..%05d}.tar" % (n_shards - 1))), tok, 10,
                              data.ImageTransform(8, True, crop=False), masker, seed=3, local_batch=lb,
-                             samples_per_epoch=spe, rank=rank, world_size=world, shuffle_buffer=buffer, **kw)
+                             epoch_samples=spe, rank=rank, world_size=world, shuffle_buffer=buffer, **kw)
 
 
 def test_brace_expansion():
@@ -113,6 +113,18 @@ def test_resume_mid_epoch_exact_without_buffer(tmp_path, tok, workers):
         assert all(torch.equal(a[k], b[k]) for k in a)
     epoch0 = sorted(i for r in range(2) for b in full[r][:4] for i in b["index"].tolist())
     assert epoch0 == list(range(24))
+
+
+def test_resume_through_a_resumable_sampler(tmp_path, tok):
+    """The trainer's path: ResumableSampler(len(ds), global_batch, start_step=step) handed
+    to make_loader sets the stream's start step; local_batch comes from make_loader."""
+    write_shards(tmp_path, [6] * 4)
+    ds = make(tmp_path, tok, 1, 2, None, 24, 4, buffer=0)
+    full = iter(data.make_loader(ds, data.ResumableSampler(len(ds), 6, 1, 2), 3))
+    full = [next(full)["index"].tolist() for _ in range(6)]
+    ds2 = make(tmp_path, tok, 1, 2, None, 24, 4, buffer=0)
+    it = iter(data.make_loader(ds2, data.ResumableSampler(len(ds2), 6, 1, 2, start_step=3), 3))
+    assert [next(it)["index"].tolist() for _ in range(3)] == full[3:]
 
 
 def test_batch_keys_match_pair_dataset(tmp_path, tok):
