@@ -426,9 +426,12 @@ class OneR(nn.Module):
 
         # keys: clean inputs through the key encoder, no gradient, gathered over ranks
         with torch.no_grad():
-            K = self._eval_tower()
-            kI = K.project(K.encoder(image=K.encoder.embed_image(images))[:, 0], "image")
-            kT = K.project(K.encoder(text=K.encoder.embed_text(ids), text_mask=tmask)[:, 0], "text")
+            if self.key is None and clean_q and (on("itc") or on("xmc")):
+                kI, kT = zI.detach(), zT.detach()  # m = 0, clean queries: same computation
+            else:
+                K = self._eval_tower()
+                kI = K.project(K.encoder(image=K.encoder.embed_image(images))[:, 0], "image")
+                kT = K.project(K.encoder(text=K.encoder.embed_text(ids), text_mask=tmask)[:, 0], "text")
             kI, kT = gather(kI), gather(kT)
             kM = mix(kI, kT)
         offset = dist.get_rank() * B if is_distributed() else 0
