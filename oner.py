@@ -88,7 +88,10 @@ class OneRConfig:
         }
         if name not in sizes:
             raise ValueError(f"unknown size {name!r}; choose one of {sorted(sizes)}")
-        return replace(OneRConfig(), **{**sizes[name], **overrides})
+        unknown = set(overrides) - {f.name for f in fields(OneRConfig)}
+        if unknown:
+            raise ValueError(f"unknown OneRConfig field(s): {sorted(unknown)}")
+        return replace(OneRConfig(), **{**sizes[name], **overrides}).validate()
 
     def validate(self):
         choices = dict(head_type=("linear", "mlp"), query_view=("masked", "clean"),
@@ -102,6 +105,13 @@ class OneRConfig:
             raise ValueError("at least one contrastive term (itc/xmc/cic/cmc) must be on")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum={self.momentum}: expected 0 <= m < 1")
+        for t in CONTRASTIVE + MASKED:
+            if getattr(self, t) < 0:
+                raise ValueError(f"{t}={getattr(self, t)}: a loss weight is >= 0 (0 = off)")
+        if self.temp_init <= 0 or self.temp_fixed <= 0:
+            raise ValueError("temp_init and temp_fixed must be > 0")
+        if self.two_heads and not (self.itc or self.xmc or self.cic):
+            raise ValueError("two_heads needs itc, xmc or cic: only text queries train the text head")
         return self
 
     def to_dict(self):
@@ -137,6 +147,10 @@ class Block(nn.Module):  # pre-LayerNorm transformer block
         return x + self.mlp(self.ln2(x))
 
 
+def fp32(x):  # at least float32: logits and norms never in bf16, float64 stays float64
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def patchify(images, p):  # (B, 3, H, W) -> (B, P, p*p*3), patches in row-major order
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
@@ -155,7 +169,9 @@ class Encoder(nn.Module):
         self.tok_embed = nn.Embedding(cfg.vocab_size, D)
         self.pos_text = nn.Parameter(torch.randn(cfg.max_text_len, D) * 0.02)
         self.cls = nn.Parameter(torch.randn(D) * 0.02)        # no position embedding, ever
-        self.mask_token = nn.Parameter(torch.randn(D) * 0.02)  # both modalities
+        # one [MASK] for both modalities; built only when MLM or MIM can use it
+        masking = cfg.mlm > 0 or cfg.mim > 0
+        self.mask_token = nn.Parameter(torch.randn(D) * 0.02) if masking else None
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(D)
         self.grad_ckpt = False  # activation checkpointing: recompute blocks in backward
@@ -163,13 +179,13 @@ class Encoder(nn.Module):
 
     def embed_image(self, images, mask=None):  # -> (B, P, D); mask (B, P) True = [MASK]
         x = self.patch_embed(patchify(images, self.p))
-        if mask is not None:
+        if mask is not None and self.mask_token is not None:
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
         return x + self.pos_image.flatten(0, 1)  # positions are added to [MASK] too
 
     def embed_text(self, ids, masked=None):  # -> (B, L, D); masked (B, L) True = [MASK]
         x = self.tok_embed(ids)
-        if masked is not None:
+        if masked is not None and self.mask_token is not None:
             x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
         return x + self.pos_text[: ids.shape[1]]
 
@@ -222,9 +238,9 @@ class Tower(nn.Module):
         names = ("image", "text") if cfg.two_heads else ("shared",)
         self.heads = nn.ModuleDict({n: projection_head(cfg) for n in names})
 
-    def project(self, h, modality):  # h (..., D) -> unit vectors (..., E), fp32
+    def project(self, h, modality):  # h (..., D) -> unit vectors (..., E), >= fp32
         head = self.heads["shared" if "shared" in self.heads else modality]
-        return F.normalize(head(h).float(), dim=-1)
+        return F.normalize(fp32(head(h)), dim=-1)
 
 
 class MLMHead(nn.Module):  # BERT-style: dense, GELU, LayerNorm, decoder tied to tok_embed
@@ -271,7 +287,7 @@ def mix(a, b):  # the poster's (F(a) + F(b)) / 2, re-normalised (same direction)
 def nce(q, k, scale, offset=0):
     """InfoNCE. q (B, E) local queries, k (N, E) keys of all ranks, positive of query i is
     key offset+i. Logits in fp32 even under autocast."""
-    logits = scale * q.float() @ k.float().t()  # (B, N)
+    logits = scale * fp32(q) @ fp32(k).t()  # (B, N)
     target = offset + torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(logits, target)
 
@@ -295,7 +311,7 @@ def cmc_loss(zIT, kM, scale, offset=0):          # F(I,T) . (F(I)+F(T))/2
 def mlm_loss(logits, labels, count=None, world=1):
     """logits (M, V) at MLM slots, labels (M,) with -100 on empty slots. Sum over
     predicted positions / count (default: local count) * world."""
-    nll = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    nll = F.cross_entropy(fp32(logits), labels, ignore_index=-100, reduction="sum")
     count = (labels != -100).sum() if count is None else count
     return nll * world / count.clamp(min=1)
 
@@ -303,9 +319,9 @@ def mlm_loss(logits, labels, count=None, world=1):
 def mim_loss(pred, patches, mask, count=None, world=1):
     """pred, patches (B, P, p*p*3); mask (B, P) True = masked. Targets are per-patch
     normalised pixels (MAE's norm_pix), so the model predicts structure, not brightness."""
-    t = patches.float()
+    t = fp32(patches)
     t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
-    err = ((pred.float() - t) ** 2).mean(-1)  # (B, P)
+    err = ((fp32(pred) - t) ** 2).mean(-1)  # (B, P)
     count = mask.sum() if count is None else count
     return (err * mask).sum() * world / count.clamp(min=1)
 

@@ -12,6 +12,8 @@ Proves:
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_oner_config.py
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,7 +25,9 @@ from oner import OneR, OneRConfig
 @pytest.mark.parametrize("key,bad", [("head_type", "conv"), ("query_view", "noisy"),
                                      ("temperature", "learned")])
 def test_bad_choice_raises_naming_the_key(key, bad):
-    cfg = OneRConfig.from_name("mu", **{key: bad})
+    with pytest.raises(ValueError, match=key):  # from_name validates
+        OneRConfig.from_name("mu", **{key: bad})
+    cfg = dataclasses.replace(OneRConfig.from_name("mu"), **{key: bad})
     with pytest.raises(ValueError, match=key):
         cfg.validate()
     with pytest.raises(ValueError, match=key):

@@ -570,14 +570,8 @@ CONFIGS = {
     "masking_off": dict(mlm=0.0, mim=0.0, _mask=False),
     "cic_only": dict(itc=0.0, cmc=0.0, cic=1.0),
     "cmc_only_clean": dict(itc=0.0, query_view="clean"),
-    "two_heads_no_text_term": pytest.param(
-        dict(two_heads=True, itc=0.0), marks=pytest.mark.xfail(
-            strict=True, reason="oner.py: with two_heads and no itc/xmc/cic the text head is "
-                                "only used by the no-grad keys, so it never gets a gradient")),
-    "clean_queries_masking_off": pytest.param(
-        dict(query_view="clean", mlm=0.0, mim=0.0, _mask=False), marks=pytest.mark.xfail(
-            strict=True, reason="oner.py: clean queries without MLM/MIM run no masked pass, "
-                                "so the [MASK] vector never gets a gradient")),
+    "clean_queries_masking_off": dict(query_view="clean", mlm=0.0, mim=0.0, _mask=False),
+    "masked_view_masking_off": dict(mlm=0.0, mim=0.0, _mask=False),
 }
 
 
@@ -595,3 +589,16 @@ def test_every_config_finite_loss_and_no_unused_parameter(kw):
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_two_heads_without_a_text_query_is_refused():
+    """Under two_heads only text queries (itc/xmc/cic) train the text head; without one it
+    would be an unused parameter under DDP, so the config is refused up front."""
+    with pytest.raises(ValueError, match="two_heads needs itc, xmc or cic"):
+        OneRConfig.from_name("mu", two_heads=True, itc=0.0)
+
+
+def test_no_mask_token_without_masked_modelling():
+    """With MLM and MIM off the [MASK] vector is not built (it could never be trained)."""
+    assert build(mlm=0.0, mim=0.0).student.encoder.mask_token is None
+    assert build(mlm=0.0).student.encoder.mask_token is not None
