@@ -334,7 +334,7 @@ def load_checkpoint(path, image_size=None):
         raise FileNotFoundError(f"checkpoint {path!r} not found (train.py writes RUN_DIR/ckpt_*.pt and best.pt)")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     mc = OneRConfig(**ck["model_config"])
-    state = ck["model"]
+    state = dict(ck["model"])  # interpolation below must not alter the returned ck
     if image_size and image_size != mc.image_size:
         mc = dataclasses.replace(mc, image_size=image_size)
         g = mc.grid
