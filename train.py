@@ -10,7 +10,17 @@ Overrides are --key=value (or --key value, or --flag for booleans) over any fiel
 TrainConfig below or of oner.OneRConfig; an unknown key or a bad value stops before
 anything starts. A run directory is always resumed from its latest complete checkpoint.
 Test hooks (environment): ONER_FAIL_IN_CHECKPOINT=STEP kills the process in the middle
-of writing that step's checkpoint; ONER_INJECT_NAN=STEP[:RANK] makes that step's loss NaN.
+of writing that step's checkpoint; ONER_INJECT_NAN=STEP[:RANK] makes that step's loss NaN;
+ONER_PAUSE_AT_STEP=STEP makes a run that did not resume wait after that step (its
+checkpoint written) until it is signalled or killed, like a job still running at its
+time limit (tests/test_distributed.py uses it for the submitit requeue test).
+
+Distributed: torchrun or submitit export RANK/WORLD_SIZE/LOCAL_RANK (+ MASTER_ADDR/PORT);
+DDP averages gradients, oner.py gathers contrastive keys over ranks and normalises
+MLM/MIM by the global masked count, so the step equals one process on the global batch
+(tests/test_distributed.py). --accum_steps: see forward_backward. --requeue_signal=USR1:
+on that signal every rank stops at the next step boundary, saves, and exits with code
+REQUEUE_EXIT (slurm/oner.sbatch then requeues the job).
 """
 import dataclasses
 import difflib
@@ -67,12 +77,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     momentum_schedule: str = "cosine"  # key-encoder m: "cosine" (m -> 1, MoCo v3) | "constant"
     max_skips: int = 5             # abort after this many consecutive non-finite steps
+    accum_steps: int = 1           # micro-batches per optimiser step (see forward_backward)
     seed: int = 0
     # system
     device: str = "auto"
     precision: str = "auto"        # "bf16" | "fp32" | "auto" (bf16 on GPU, fp32 on CPU)
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" checks graphs fast
     grad_ckpt: bool = False        # activation checkpointing for small-memory GPUs
+    requeue_signal: str = ""       # e.g. USR1: save at the next step and exit REQUEUE_EXIT
     # logging, evaluation, checkpoints
     log_every: int = 10
     eval_every: int = 0            # steps; 0 = only at the end
@@ -96,7 +109,7 @@ class TrainConfig:
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    time_min: int = 4320
+    time_min: float = 4320         # job time limit in minutes (whole minutes on SLURM)
     mem_gb: int = 0
     signal_delay_s: int = 120      # SIGUSR2 this long before the time limit -> requeue
 
@@ -187,6 +200,12 @@ def resolve(argv):
             raise SystemExit(f"error: --{key}={getattr(tc, key)!r}: expected one of {ok}")
     if tc.batch_size < 1 or tc.steps < 0 or tc.epochs < 0:
         raise SystemExit("error: --batch_size must be >= 1 and --steps/--epochs >= 0")
+    if tc.accum_steps < 1:
+        raise SystemExit(f"error: --accum_steps={tc.accum_steps}: expected an int >= 1")
+    if tc.requeue_signal and not isinstance(getattr(signal, signal_name(tc.requeue_signal), None),
+                                            signal.Signals):
+        raise SystemExit(f"error: --requeue_signal={tc.requeue_signal!r}: expected a signal name "
+                         "such as USR1")
     return tc, mc
 
 
@@ -213,6 +232,71 @@ def all_agree(flag, device):
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return t[0] > 0
     return flag
+
+
+def step_decisions(finite, stop, device):
+    """The two decisions every rank must take alike at a step boundary, in one all_reduce
+    (the step's one host sync): (every rank's loss and grad norm are finite -> step,
+    some rank got the requeue signal -> save and exit). A rank never leaves alone."""
+    t = torch.stack([finite.to(device=device, dtype=torch.float32).reshape(()),
+                     torch.tensor(0.0 if stop else 1.0, device=device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    ok, go_on = t.tolist()
+    return ok > 0, go_on <= 0
+
+
+def signal_name(name):  # "usr1" | "SIGUSR1" -> "SIGUSR1"
+    name = name.upper()
+    return name if name.startswith("SIG") else "SIG" + name
+
+
+REQUEUE_EXIT = 3  # exit code after a --requeue_signal save; slurm/oner.sbatch requeues on it
+
+
+def micro_batches(batch, n):
+    """Split a local batch into n equal micro-batches: rows [i*B/n, (i+1)*B/n) of every
+    per-pair tensor; per-batch scalars (collate's "bad" count) go to the first only."""
+    if n == 1:
+        return [batch]
+    parts = {k: v.chunk(n) if v.ndim else [v] + [torch.zeros_like(v)] * (n - 1)
+             for k, v in batch.items()}
+    return [{k: parts[k][i] for k in batch} for i in range(n)]
+
+
+def forward_backward(fwd, model, batch, accum_steps, device, prec, poison=False):
+    """Forward and backward of one optimiser step. Returns (outputs detached and averaged
+    over micro-batches, the loss the finite check sees).
+
+    Gradient accumulation [decision]: each of the accum_steps micro-batches is its own
+    contrastive problem. Its negatives are the keys of that micro-batch on every rank (a
+    global micro-batch of batch_size / accum_steps pairs) and its MLM/MIM terms are
+    normalised by that micro-batch's global masked count; the step's gradient is the sum
+    of the micro-batch gradients / accum_steps. No feature cache: accumulation saves
+    memory but does not enlarge the contrastive batch, so accum_steps=k trains the
+    objective of batch_size / k with k times less gradient noise, not the objective of
+    batch_size (prefer more GPUs or --grad_ckpt when the batch size matters). DDP
+    all-reduces once, in the last micro-batch's backward (no_sync before it); the finite
+    check runs once per step on the result. The data order and checkpoints do not depend
+    on accum_steps, so exact resume is unaffected."""
+    from contextlib import nullcontext
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    out_avg, seen = {}, None
+    micro = micro_batches(batch, accum_steps)
+    for i, mb in enumerate(micro):
+        hold = ddp and i < len(micro) - 1  # accumulate locally, all-reduce on the last
+        with model.no_sync() if hold else nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                out = fwd(mb)
+            loss = out["loss"]
+            if poison:  # test hook ONER_INJECT_NAN
+                loss = loss * float("nan")
+            (loss / accum_steps if accum_steps > 1 else loss).backward()
+        for k, v in out.items():
+            v = v.detach() / accum_steps if accum_steps > 1 else v.detach()
+            out_avg[k] = v if k not in out_avg else out_avg[k] + v
+        seen = loss.detach() if seen is None else seen + loss.detach()
+    return out_avg, seen
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -436,9 +520,9 @@ def build_model(tc, mc, tokenizer, ck, log):
                 "max_text_len", "head_type", "two_heads")
         mc = dataclasses.replace(mc, **{k: getattr(old.cfg, k) for k in arch})
         model = OneR(mc)
-        model.student.load_state_dict(old.student.state_dict(), strict=True)
+        load_tower(model.student, old.student.state_dict())
         if model.key is not None:
-            model.key.load_state_dict((old.key or old.student).state_dict(), strict=True)
+            load_tower(model.key, (old.key or old.student).state_dict())
         for name in ("mlm_head", "mim_head"):
             if hasattr(model, name) and hasattr(old, name):
                 getattr(model, name).load_state_dict(getattr(old, name).state_dict(), strict=True)
@@ -446,6 +530,17 @@ def build_model(tc, mc, tokenizer, ck, log):
         return model, tokenizer
     mc = dataclasses.replace(mc, vocab_size=tokenizer.vocab_size)
     return OneR(mc), tokenizer
+
+
+def load_tower(tower, state):
+    """Strict load of a Tower, except [MASK], which oner.py builds only with MLM or MIM:
+    dropped when this run has neither, kept as initialised when the checkpoint had none."""
+    state = dict(state)
+    if tower.encoder.mask_token is None:
+        state.pop("encoder.mask_token", None)
+    elif "encoder.mask_token" not in state:
+        state["encoder.mask_token"] = tower.encoder.mask_token.detach().clone()
+    tower.load_state_dict(state, strict=True)
 
 
 def save_checkpoint(path, raw, opt, step, tc, tokenizer, counters, best, fail_hook=False):
@@ -470,8 +565,9 @@ def main(tc, mc):
     rank, world, device = setup_distributed(tc)
     if tc.bench:
         return bench(tc, mc, device)
-    if tc.batch_size % world:
-        raise SystemExit(f"error: --batch_size={tc.batch_size} must divide by the world size {world}")
+    if tc.batch_size % (world * tc.accum_steps):
+        raise SystemExit(f"error: --batch_size={tc.batch_size} must divide by the world size "
+                         f"{world} x --accum_steps {tc.accum_steps}")
     os.makedirs(tc.run_dir, exist_ok=True)
     log = Logger(tc.run_dir, rank)
     torch.manual_seed(tc.seed)
@@ -509,7 +605,8 @@ def main(tc, mc):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(model) if tc.compile else model
+    # fixed shapes (drop_last, fixed text length, fixed-k MLM slots): one graph, no recompiles
+    fwd = torch.compile(model, backend=tc.compile_backend) if tc.compile else model
     prec = precision(tc, device)
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     if ck is None and rank == 0:
@@ -522,6 +619,12 @@ def main(tc, mc):
 
     fail_step, _ = env_hook("ONER_FAIL_IN_CHECKPOINT")
     nan_step, nan_rank = env_hook("ONER_INJECT_NAN")
+    pause_step, _ = env_hook("ONER_PAUSE_AT_STEP")
+    stop_requested = []  # set by --requeue_signal's handler, acted on at a step boundary
+    if tc.requeue_signal:
+        signal.signal(getattr(signal, signal_name(tc.requeue_signal)),
+                      lambda *_: stop_requested.append(True))
+    graphs = None  # torch.compile: graphs after the warm-up steps, to count recompiles
     params = [p for p in raw.parameters() if p.requires_grad]
     sums, n_acc, n_ok, n_bad, t_data, t_step = {}, 0, 0, 0, 0.0, 0.0
     consecutive, last_save, t_start, start_step = 0, time.time(), time.time(), step
@@ -534,30 +637,35 @@ def main(tc, mc):
         lr = lr_at(step, tc, total)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-            out = fwd(batch)
-        loss = out["loss"]
-        if step == nan_step and nan_rank in (None, rank):  # test hook
-            loss = loss * float("nan")
-        loss.backward()
+        poison = step == nan_step and nan_rank in (None, rank)  # test hook
+        out, loss = forward_backward(fwd, model, batch, tc.accum_steps, device, prec, poison)
         gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        ok = bool(all_agree(torch.isfinite(loss.detach()) & torch.isfinite(gnorm), device))
-        if ok:  # the one host synchronisation of a step
+        # the one host synchronisation of a step: every rank takes the same decisions
+        ok, stop = step_decisions(torch.isfinite(loss) & torch.isfinite(gnorm),
+                                  bool(stop_requested), device)
+        if ok:
             opt.step()
             raw.update_key_encoder(momentum_at(step, mc.momentum, tc, total))
             consecutive = 0
         else:
             counters["skipped"] += 1
             consecutive += 1
-            log(f"step {step}: non-finite loss or gradient norm, step skipped "
-                f"({consecutive} in a row, {counters['skipped']} in all)")
-            if consecutive >= tc.max_skips:
+            msg = (f"step {step}: non-finite loss or gradient norm, step skipped "
+                   f"({consecutive} in a row, {counters['skipped']} in all)")
+            log(msg)
+            if rank:  # every rank says so: the decision is shared, not rank 0's alone
+                print(f"[rank {rank}] {msg}", flush=True)
+            if consecutive >= tc.max_skips:  # all ranks reach this at the same step
                 raise SystemExit(
+                    f"{f'[rank {rank}] ' if world > 1 else ''}"
                     f"error: {consecutive} consecutive non-finite steps (last at step {step}); "
                     "stopping. The last checkpoint is intact: lower --lr, raise --warmup_steps, "
                     "try --precision=fp32, or inspect the data.")
         opt.zero_grad(set_to_none=True)
         step += 1
+        if tc.compile and step == start_step + 2:  # warm-up over: later graphs are recompiles
+            from torch._dynamo.utils import counters as dynamo_counters
+            graphs = dynamo_counters["stats"]["unique_graphs"]
         # accumulate log values as tensors: no host sync on steps that do not log
         if ok:  # a skipped step's values are NaN: leave them out of the averages
             for k, v in out.items():
@@ -592,7 +700,7 @@ def main(tc, mc):
                 **vals)
             sums, n_acc, n_ok, n_bad, t_data, t_step = {}, 0, 0, 0, 0.0, 0.0
 
-        if tc.eval_every and step % tc.eval_every == 0 and step < total and val_split:
+        if tc.eval_every and (step % tc.eval_every == 0 or step == total) and val_split:
             if rank == 0:
                 r = evaluate(raw, tokenizer, {"val": val_split}, tc, device)["val"]
                 log(f"step {step}: val " + " ".join(f"{k} {r[k]:.1f}" for k in
@@ -605,7 +713,7 @@ def main(tc, mc):
                 dist.barrier()
 
         due = (tc.save_every and step % tc.save_every == 0) or step == total or \
-            time.time() - last_save > 60 * tc.save_minutes
+            time.time() - last_save > 60 * tc.save_minutes or stop
         if due and rank == 0:
             path = os.path.join(tc.run_dir, f"ckpt_{step:08d}.pt")
             save_checkpoint(path, raw, opt, step, tc, tokenizer, counters, best,
@@ -614,7 +722,24 @@ def main(tc, mc):
                 os.remove(old)
         if due:
             last_save = time.time()
+        if stop:  # --requeue_signal: every rank saw it in the same all_reduce
+            log(f"step {step}: got {signal_name(tc.requeue_signal)}: checkpoint saved, exiting "
+                f"with code {REQUEUE_EXIT} to be requeued", kind="requeue", step=step)
+            if world > 1:
+                dist.barrier()  # rank 0's checkpoint is complete before anyone leaves
+                dist.destroy_process_group()
+            sys.exit(REQUEUE_EXIT)
+        if step == pause_step and start_step == 0:  # test hook, see the module docstring
+            log(f"step {step}: ONER_PAUSE_AT_STEP: waiting to be signalled or killed")
+            if world > 1 and rank:
+                dist.barrier()  # fails (or never returns) once rank 0 is gone
+            while True:
+                time.sleep(0.5)
 
+    if graphs is not None:
+        n = dynamo_counters["stats"]["unique_graphs"] - graphs
+        log(f"torch.compile: {graphs} graph(s) in the first 2 steps, {n} recompile(s) after",
+            kind="compile", warmup_graphs=graphs, recompiles=n)
     finish(raw, tokenizer, tc, test_splits, rank, world, device, log, counters, t_start)
 
 
@@ -957,7 +1082,8 @@ def submit(tc, mc):
     folder = os.path.join(tc.run_dir, "submitit", "%j")
     executor = {"slurm": submitit.AutoExecutor, "local": submitit.LocalExecutor,
                 "debug": submitit.DebugExecutor}[tc.cluster](folder=folder)
-    params = dict(timeout_min=tc.time_min, nodes=tc.nodes, tasks_per_node=tc.gpus_per_node,
+    params = dict(timeout_min=tc.time_min if tc.cluster == "local" else math.ceil(tc.time_min),
+                  nodes=tc.nodes, tasks_per_node=tc.gpus_per_node,
                   gpus_per_node=tc.gpus_per_node, cpus_per_task=tc.cpus_per_task,
                   name=f"oner-{tc.preset}")
     if tc.cluster == "slurm":
