@@ -8,8 +8,8 @@
         --slurm --nodes 4 --gpus_per_node 8 --partition gpu      # each row becomes one SLURM job
     python ablation.py --collect --out runs/ablation_cc3m        # later: evaluate + tabulate finished rows
 
-Options: --quick  --seeds 0,1,2  --steps N  --parallel 2  --out DIR  --rows name,...
---preset demo|cc3m  --collect (never train; evaluate and tabulate what is finished)
+Options: --quick  --seeds 0,1,2  --steps N  --parallel 2  --rows name,...  --preset demo|cc3m
+--out DIR (default runs/ablation, runs/ablation_quick, runs/ablation_<preset>)  --collect (never train; evaluate and tabulate what is finished)
 --dry_run (print the train.py commands and exit). Every other --key=value is passed to
 every train.py run unchanged (same data, steps, batch and seeds for all rows); the keys
 that define the rows (itc xmc cic cmc mlm mim two_heads query_view) are refused there.
@@ -154,8 +154,9 @@ def parse_args(argv):
         usage(f"unknown row(s) {unknown}")
     opts["rows"] = [r for r in names if r in rows]               # table order
     # absolute, so train.py (run from the repo root) and this process agree on every path
-    opts["out"] = os.path.abspath(opts["out"] or os.path.join(ROOT, "runs/ablation_quick" if opts["quick"]
-                                                              else "runs/ablation"))
+    default = "ablation_quick" if opts["quick"] else "ablation" if opts["preset"] == "demo" \
+        else f"ablation_{opts['preset']}"
+    opts["out"] = os.path.abspath(opts["out"] or os.path.join(ROOT, "runs", default))
     opts["slurm"] = str(extras.get("slurm", "false")).lower() in ("1", "true", "yes", "on")
     return opts, extras
 
