@@ -18,6 +18,8 @@
 - a NaN on rank 1 only (ONER_INJECT_NAN=STEP:1): both ranks report and skip the same
   step, the counter is 1 and training finishes; with --max_skips=1 both ranks exit with
   the message at the same step, nothing hangs, and the last checkpoint is intact;
+- --requeue_signal=USR1 sent to rank 1 alone: both ranks stop at the same step
+  boundary, rank 0 saves, both exit with train.REQUEUE_EXIT, and a restart resumes there;
 - submitit: a 2-task LocalExecutor job (train.submit with --cluster=local) that is
   still running when its time is up (ONER_PAUSE_AT_STEP) gets SIGUSR2 signal_delay_s
   before the limit, rank 0 calls SlurmJob.checkpoint() which resubmits, the job is
@@ -317,6 +319,35 @@ def test_nan_on_one_rank_is_skipped_by_both(tmp_path, data_dir):
     for r in range(WORLD):
         assert f"[rank {r}] error: 1 consecutive non-finite steps (last at step 3)" in p.stderr
     assert final_state(rd)["step"] == 2
+
+
+def test_requeue_signal_on_one_rank_saves_and_exits_on_all(tmp_path, data_dir):
+    """--requeue_signal=USR1 delivered to rank 1 only: the flag travels in the step's
+    all_reduce, rank 0 saves at that step boundary, both exit with REQUEUE_EXIT, and the
+    command resumes from that checkpoint."""
+    rd = str(tmp_path / "usr1")
+    args = TINY + [f"--data_dir={data_dir}", f"--run_dir={rd}", "--steps=400",
+                   "--save_every=100000", "--requeue_signal=USR1"]
+    proc = subprocess.Popen(torchrun_cmd(args), cwd=ROOT, env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(rd, "metrics.jsonl")
+    deadline = time.time() + 120
+    while not (os.path.exists(metrics) and '"kind": "train"' in open(metrics).read()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+    workers = [p for p in descendants(proc.pid) if "RANK=1\0" in open(f"/proc/{p}/environ").read()]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports the workers' exit code 3 as a failure
+    assert f"exiting with code {train.REQUEUE_EXIT}" in out, out[-2000:] + err[-2000:]
+    saved = final_state(rd)["step"]
+    assert 1 <= saved < 400 and f"step {saved}: got SIGUSR1" in out
+    assert "exitcode  : 3" in err or "exitcode: 3" in err.replace("  ", " ")
+    # resumed (to 2 steps later, to keep the test short): it continues from that checkpoint
+    p = torchrun([a for a in args if not a.startswith("--steps=")] + [f"--steps={saved + 2}"])
+    assert f"at step {saved}" in p.stdout and final_state(rd)["step"] == saved + 2
 
 
 # ----------------------------------------------------------------------------- submitit
