@@ -26,11 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-
-TINY = ["--model=mu", "--width=32", "--depth=1", "--heads=2", "--patch_size=8",
-        "--image_size=32", "--embed_dim=16", "--max_text_len=24", "--batch_size=16",
-        "--warmup_steps=2", "--log_every=2", "--eval_every=0", "--eval_batch=64",
-        "--synth_images=200", "--lr=2e-3", "--save_minutes=1000"]
+from runhelpers import TINY, assert_bitwise_equal, final_state, train_losses  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +44,6 @@ def run(args, env_extra=None, check=True, timeout=300):
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
-
-
-def final_state(run_dir):
-    path = train.ckpt_paths(run_dir)[-1]
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def train_losses(run_dir):
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("kind") == "train":
-                out[r["step"]] = r["loss"]
-    return out
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"parameter {k} differs"
 
 
 def test_smoke_run_directory(tmp_path, data_dir):
