@@ -116,10 +116,10 @@ class TrainConfig:
 
 PRESETS = {
     # ~1 s steps on 2 CPU cores; trains and evaluates in under 10 minutes
-    "demo": dict(model="mu", width=128, depth=4, heads=4, patch_size=4, image_size=32,
+    "demo": dict(model="mu", width=128, depth=4, heads=4, patch_size=8, image_size=32,
                  embed_dim=128, max_text_len=24, data="builtin", crop=False,
-                 steps=600, batch_size=128, lr=1e-3, warmup_steps=50, eval_every=200,
-                 log_every=20, save_every=200),
+                 steps=1000, batch_size=128, lr=1e-3, warmup_steps=50, eval_every=250,
+                 log_every=50, save_every=250),
     # the SLIP / OneR ablation protocol: ViT-B/16, CC3M, 40 epochs, global batch 4096
     "cc3m": dict(model="B/16", epochs=40, batch_size=4096, lr=5e-4, weight_decay=0.5,
                  warmup_steps=2 * 3300, min_lr=1e-6, workers=10, save_every=1000,
@@ -130,6 +130,8 @@ PRESETS = {
                    log_every=50, eval_every=5000, max_text_len=32, momentum=0.99),
 }
 
+SIZE_KEYS = {"width", "depth", "heads", "mlp_ratio", "patch_size", "image_size", "embed_dim",
+             "max_text_len", "vocab_size"}
 TRAIN_KEYS = {f.name: f for f in fields(TrainConfig)}
 MODEL_KEYS = {f.name: f for f in fields(OneRConfig)}
 assert not set(TRAIN_KEYS) & set(MODEL_KEYS), "train and model config keys must differ"
@@ -176,7 +178,10 @@ def resolve(argv):
     preset = cli.get("preset", "demo")
     if preset not in PRESETS:
         raise SystemExit(f"error: --preset={preset!r}: choose one of {sorted(PRESETS)}")
-    merged = {**PRESETS[preset], **cli, "preset": preset}
+    base = dict(PRESETS[preset])
+    if "model" in cli:  # a named size replaces the preset's whole architecture
+        base = {k: v for k, v in base.items() if k not in SIZE_KEYS}
+    merged = {**base, **cli, "preset": preset}
     train, model = {}, {}
     for key, value in merged.items():
         if key in TRAIN_KEYS:

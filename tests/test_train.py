@@ -130,6 +130,11 @@ def test_overrides_are_typed():
     assert (tc.steps, tc.compile, tc.lr, mc.xmc, mc.width) == (7, True, 3e-4, 1.0, 128)
     tc, mc = train.resolve(["--preset=cc3m"])
     assert (tc.batch_size, tc.epochs, mc.width, mc.depth) == (4096, 40, 768, 12)
+    # a named size replaces the preset's architecture, not just the fields it names
+    tc, mc = train.resolve(["--model=B/16"])
+    assert (mc.width, mc.depth, mc.patch_size, mc.image_size) == (768, 12, 16, 224)
+    tc, mc = train.resolve(["--model=S/16", "--image_size=96"])
+    assert (mc.width, mc.image_size) == (384, 96)
 
 
 def test_init_from_loads_strictly_and_interpolates(tmp_path, data_dir):
