@@ -35,24 +35,28 @@ Then: mean +- sample std over seeds, printed, and OUT/ablation.json, OUT/ablatio
 (command, git commit, machine, wall time) and OUT/gap.png (one PCA panel per row, seed 0).
 
 Laptop budget (LAPTOP below): width 96, depth 3, 4 heads, 8 px patches on 32 px images
-(16 patches), batch 64, 500 steps (3.2 epochs of the 10,000-image set), final checkpoint
-evaluated. Measured with OMP_NUM_THREADS=1 on a shared 2-core Xeon: a "+ CMC (OneR)" step
-takes 0.24-0.36 s (~0.25 s CPU); relative row costs ITC 1 : +XMC+CIC 1.4 : +CMC 2.5 :
-clean queries 3.4 (joint / extra passes), so the 8 rows cost ~1.5 CPU-s per step together;
-the evaluation of a run ~20 CPU-s (27 s wall), train.py's own final test retrieval ~8 s.
-24 runs x 500 steps -> ~25 min on two otherwise idle cores (two lanes), leaving headroom
-for the 45 min target; other jobs on the same cores stretch it proportionally.
+(16 patches), embed 128, batch 64, 500 steps (3.2 epochs of the 10,000-image set), final
+checkpoint evaluated. Measured (OMP_NUM_THREADS=1, two lanes on an otherwise idle 2-core
+Xeon): median step 0.26-0.28 s for ITC, +XMC, +CMC, +XMC+CMC and two heads, 0.24 s
+without MLM/MIM, 0.37 s +XMC+CIC (cross-only pass), 0.47 s clean queries (extra clean
+passes); a run is 126-243 s of train.py (incl. start-up and its own test retrieval) plus
+21-25 s of evaluation; one seed of 8 rows took 12.6 min, so 8 rows x 3 seeds ~38 min.
+The full run under a third engineer's process for its first third took 48.9 min.
+Jobs start in seed order, the costliest rows of a seed first (ROW_COST), to even the lanes.
 
 Full scale (--preset cc3m): ViT-B/16, CC3M, 40 epochs at global batch 4096 (SLIP/OneR
 protocol). Each row is one `python train.py --preset cc3m ... --run_dir OUT/ROW/seedS`
 command (see --dry_run); add train.py's --slurm options and every row is submitted as
-its own job, then `--collect` evaluates the finished rows. Expected cost per row, from
-the paper's scale: ~1.3e5 steps of ViT-B/16 with up to three passes per pair (uni,
-joint, key); on the order of 1-2 days on 8 A100s (roughly 300-500 GPU-hours) per
-row and seed, i.e. ~24 such runs for 8 rows x 3 seeds. Measure yours first with
-`python train.py --bench --model B/16 --batch_size 256`. At cc3m scale the built-in
-evaluation does not apply: rows are scored by retrieval and the modality gap on
---eval_data (e.g. COCO 5k), and ImageNet zero-shot by
+its own job, then `--collect` evaluates the finished rows. Expected cost per row and
+seed, from the paper's scale (estimate, not measured here): CC3M ~3.3M pairs / 4096 x 40
+epochs ~ 32k steps = 1.3e8 pairs; a OneR step runs ~1,600 token-passes of ViT-B/16 per
+pair (uni image 197 + text 32 + joint 229 tokens with gradients, x3; the key encoder's
+229 without) at ~0.17 GFLOP per token-pass, ~2.8e11 FLOP per pair, ~3.6e19 FLOP per run:
+~80 A100-hours at 40 % MFU (bf16), i.e. ~10 h on 8 A100s or ~3 h on 32; ITC-only rows
+cost ~0.6x, +XMC+CIC ~1.3x, clean queries ~1.6x. All 24 runs: ~2,000 A100-hours.
+Measure your hardware first: `python train.py --bench --model B/16 --batch_size 256`.
+At cc3m scale the built-in evaluation does not apply: rows are scored by retrieval and
+the modality gap on --eval_data (e.g. COCO 5k), and ImageNet zero-shot by
 `python eval.py --checkpoint OUT/ROW/seedS/ckpt_*.pt --zeroshot imagenet/val`.
 """
 import json
@@ -81,6 +85,9 @@ ROWS = [
     ("oner_clean_queries", "OneR, clean queries", dict(cmc=1.0, query_view="clean")),
 ]
 ROW_KEYS = tuple(BASE)
+# measured median step time (ms, one thread) of each row: only used to start costly rows first
+ROW_COST = dict(itc_two_heads=270, itc=275, itc_xmc=270, itc_xmc_cic=370, oner=265, itc_xmc_cmc=265,
+                oner_no_mlm_mim=240, oner_clean_queries=465)
 QUICK_ROWS = ("itc", "oner")
 
 STEPS = 500
@@ -429,31 +436,47 @@ def git_commit():
     return {"sha": sha, "dirty_files": dirty}
 
 
-def gap_figure(opts, rows, path):
+def gap_figure(opts, rows, path, per_line=4):
+    """gap.png: one PCA panel per row (first seed), at most `per_line` panels per strip."""
+    import tempfile
+
     import torch
+    from PIL import Image
 
     import eval as E
-    panels = []
+    panels, seed = [], opts["seeds"][0]
     for name, r in rows.items():
-        p = os.path.join(run_dir(opts, name, opts["seeds"][0]), GAP_FILE)
+        p = os.path.join(run_dir(opts, name, seed), GAP_FILE)
         if not os.path.isfile(p):
             continue
         g = torch.load(p, map_location="cpu", weights_only=True)
         n = g["image"].shape[0]
         xy = E.pca_2d(torch.cat([g["image"], g["text"], g["pair"]]))     # one projection for all three
-        sep = dig(r["metrics"], "gap.separability")
-        title = f"{r['label']}" + (f" (sep {sep['values'][0]:.0f}%)" if sep else "")
+        gap = _read_json(os.path.join(run_dir(opts, name, seed), EVAL_FILE)).get("gap", {})
+        title = r["label"] + (f"  d {gap['centroid_distance']:.2f} sep {gap['separability']:.0f}%" if gap else "")
         panels.append((title, xy[:n], xy[n:2 * n], xy[2 * n:]))
-    if panels:
-        E.draw_embedding_pca_png(panels, path)
+    if not panels:
+        return 0
+    strips = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(0, len(panels), per_line):
+            sp = os.path.join(tmp, f"{i}.png")
+            E.draw_embedding_pca_png(panels[i:i + per_line], sp)
+            with Image.open(sp) as im:
+                strips.append(im.copy())
+    canvas = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), "white")
+    y = 0
+    for s in strips:
+        canvas.paste(s, (0, y))
+        y += s.height
+    canvas.save(path)
     return len(panels)
 
 
-def report(opts, argv, rows, wall, statuses):
+def report(opts, argv, rows, wall, statuses, commit, mach):
     out = opts["out"]
     builtin = any("retrieval.test.tr1" in r["metrics"] for r in rows.values()) or not rows
     tabs = tables(rows, builtin)
-    mach, commit = machine(), git_commit()
     cmd = shlex.join(["python", "ablation.py", *argv])
     n_fig = gap_figure(opts, rows, os.path.join(out, "gap.png"))
     seeds_note = ("mean ± sample std over seeds" if len(opts["seeds"]) > 1 else "one seed")
@@ -463,8 +486,21 @@ def report(opts, argv, rows, wall, statuses):
             p = os.path.join(run_dir(opts, name, s), ROW_FILE)
             if os.path.isfile(p):
                 stored[f"{name}/seed{s}"] = _read_json(p)["train_argv"]
-    result = {"command": cmd, "git": commit, "machine": mach, "wall_seconds": wall, "seeds": opts["seeds"],
-              "statuses": statuses, "rows": rows, "train_argv": stored}
+    # invocations that trained or evaluated something (a continued ablation has several;
+    # one that only re-tabulates adds none): their wall times, commits and machines
+    jpath = os.path.join(out, "ablation.json")
+    prev = _read_json(jpath) if os.path.isfile(jpath) else {}
+    invocations = prev.get("invocations")
+    if invocations is None:                                     # ablation.json before this field
+        invocations = [{k: prev[k] for k in ("command", "git", "machine", "wall_seconds") if k in prev}] \
+            if "wall_seconds" in prev else []
+    ran = sum(v == "ok" for v in statuses.values())
+    if ran:
+        invocations.append({"command": cmd, "git": commit, "machine": mach, "wall_seconds": wall,
+                            "runs_completed": ran, "parallel": opts["parallel"]})
+    total_wall = sum(i["wall_seconds"] for i in invocations)
+    result = {"command": cmd, "git": commit, "machine": mach, "wall_seconds": total_wall, "seeds": opts["seeds"],
+              "statuses": statuses, "rows": rows, "train_argv": stored, "invocations": invocations}
     _write_json(os.path.join(out, "ablation.json"), result)
     times = []
     for name in rows:
@@ -487,14 +523,29 @@ def report(opts, argv, rows, wall, statuses):
                           f"{ev['zeroshot']['chance_top1']:.1f} ({ev['zeroshot']['n_classes']} classes); "
                           f"probe majority class {ev['linear_probe']['chance_top1']:.1f}; separability 50.")
                 break
-    dirty = f" (uncommitted changes in: {', '.join(commit['dirty_files'])})" if commit["dirty_files"] else ""
-    md = [f"# OneR ablation ({seeds_note}; test splits; numbers in %)", "",
-          f"Command: `{cmd}`  ", f"Commit: `{commit['sha']}`{dirty}  ",
-          f"Machine: {mach['nproc']} usable cores ({mach['cpu_count']} CPUs), {mach['cpu_model']}; "
-          f"load average at start {', '.join(f'{x:.2f}' for x in mach['loadavg_at_start'])}  ",
-          f"Wall time: {wall / 60:.1f} min with {opts['parallel']} single-thread runs in parallel"
-          + (f"; per run: train {min(tt):.0f} to {max(tt):.0f} s, evaluation {min(te):.0f} to {max(te):.0f} s"
-             if tt and te else ""), ""]
+    def dirty(c):
+        return f" (uncommitted changes in: {', '.join(c['dirty_files'])})" if c.get("dirty_files") else ""
+    md = [f"# OneR ablation ({seeds_note}; test splits; numbers in %)", ""]
+    for i, inv in enumerate(invocations or [{"command": cmd, "git": commit, "machine": mach,
+                                              "wall_seconds": wall}]):
+        m = inv.get("machine", {})
+        md += [f"Command: `{inv.get('command', '?')}`  ",
+               f"Commit: `{inv.get('git', {}).get('sha', '?')}`{dirty(inv.get('git', {}))}  ",
+               f"Machine: {m.get('nproc', '?')} usable cores ({m.get('cpu_count', '?')} CPUs), "
+               f"{m.get('cpu_model', '?')}; load average at start "
+               f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}  ",
+               f"Wall time: {inv.get('wall_seconds', 0) / 60:.1f} min with {inv.get('parallel', opts['parallel'])} "
+               "single-thread runs in parallel" + (f" ({inv['runs_completed']} runs)" if "runs_completed" in inv
+                                                    else ""), ""]
+        md += [f"Note: {inv['note']}", ""] if inv.get("note") else []
+    if len(invocations) > 1:
+        md += [f"Total wall time over {len(invocations)} invocations: {total_wall / 60:.1f} min", ""]
+    if tt and te:
+        md += [f"Per run: train {min(tt):.0f} to {max(tt):.0f} s, evaluation {min(te):.0f} to {max(te):.0f} s "
+               f"(sum over runs: {sum(tt) / 60:.1f} + {sum(te) / 60:.1f} min)", ""]
+    if commit["sha"] != (invocations[-1]["git"]["sha"] if invocations and "git" in invocations[-1] else
+                         commit["sha"]):
+        md += [f"Tables written at commit `{commit['sha']}`{dirty(commit)}", ""]
     for title, header, body in tabs:
         md += [f"## {title}", "", md_table(header, body), ""]
     md += [chance, "",
@@ -524,15 +575,17 @@ def report(opts, argv, rows, wall, statuses):
     if chance:
         print(chance)
     print(f"wrote {out}/ablation.json, ablation.md" + (", gap.png" if n_fig else "") +
-          f"  (wall {wall / 60:.1f} min)")
+          f"  (wall {wall / 60:.1f} min this invocation)")
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv):
     t0 = time.time()
+    commit, mach = git_commit(), machine()                       # as the invocation starts
     opts, extras = parse_args(argv)
     shared = train_settings(opts, extras)
-    jobs = [(row, s, train_argv(opts, shared, row, s)) for s in opts["seeds"] for row in opts["rows"]]
+    order = sorted(opts["rows"], key=lambda r: -ROW_COST.get(r, 0))  # stable: table order on ties
+    jobs = [(row, s, train_argv(opts, shared, row, s)) for s in opts["seeds"] for row in order]
     if opts["dry_run"]:
         for row, s, a in jobs:
             print(shlex.join(["python", "train.py", *a]))
@@ -572,7 +625,7 @@ def main(argv):
             statuses[f"{row}/seed{s}"] = st
             say(f"{row} seed {s}: {st}")
     rows = aggregate(opts)
-    report(opts, argv, rows, time.time() - t0, statuses)
+    report(opts, argv, rows, time.time() - t0, statuses, commit, mach)
     failed = [k for k, v in statuses.items() if v not in ("ok", "done", "submitted", "not finished")]
     return 1 if failed else 0
 
