@@ -122,8 +122,9 @@ PRESETS = {
                  steps=1000, batch_size=128, lr=2e-3, momentum=0.0, warmup_steps=50,
                  eval_every=250, log_every=50, save_every=250),
     # the SLIP / OneR ablation protocol: ViT-B/16, CC3M, 40 epochs, global batch 4096
+    # (~2.9M pairs: ~710 steps per epoch, so 1400 warm-up steps are ~2 epochs)
     "cc3m": dict(model="B/16", epochs=40, batch_size=4096, lr=5e-4, weight_decay=0.5,
-                 warmup_steps=2 * 3300, min_lr=1e-6, workers=10, save_every=1000,
+                 warmup_steps=1400, min_lr=1e-6, workers=10, save_every=1000,
                  log_every=50, eval_every=5000, max_text_len=32, momentum=0.99),
     # the paper's run: 4M pairs (COCO+VG+SBU+CC3M, 5.1M captions), 32 GPUs
     "oner4m": dict(model="B/16", epochs=30, batch_size=4096, lr=5e-4, weight_decay=0.2,
