@@ -1471,20 +1471,38 @@ def _synth_complete(root: Path, params: dict) -> bool | None:
     return all(Path(p).exists() for p in _synth_paths(root).values())
 
 
-def make_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int = 32,
-               bpe_vocab: int = 4096) -> dict:
-    """Generate the built-in set into out_dir (built in a temp dir, then renamed)."""
-    root = Path(out_dir)
-    if root.exists() and any(root.iterdir()) and not (root / "synth.json").exists():
-        raise FileExistsError(f"{root} exists and is not a built-in dataset (no synth.json); "
-                              "choose an empty or new directory")
+def _generate(root: Path, n_images: int, seed: int, image_size: int, bpe_vocab: int,
+              install) -> dict:
+    """Build the set in a temporary sibling of root, write the manifest last (it marks the
+    set complete), then install(tmp) moves it into place; the temporary dir never stays."""
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.time_ns()}"
     t0 = time.perf_counter()
     try:
         manifest = _build_synth(tmp, n_images, seed, image_size, bpe_vocab)
         manifest["generation_seconds"] = round(time.perf_counter() - t0, 2)
-        _dump(tmp / "synth.json", manifest)  # written last: marks the set complete
+        _dump(tmp / "synth.json", manifest)
+        install(tmp)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _synth_paths(root)
+
+
+def _refuse_foreign(root: Path):
+    if root.exists() and any(root.iterdir()) and not (root / "synth.json").exists():
+        raise FileExistsError(f"{root} exists and is not a built-in dataset (no synth.json); "
+                              "choose an empty or new directory")
+
+
+def make_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int = 32,
+               bpe_vocab: int = 4096) -> dict:
+    """Generate the built-in set into out_dir (built in a temp dir, then renamed; an
+    existing built-in set there is replaced only once the new one is complete)."""
+    root = Path(out_dir)
+    _refuse_foreign(root)
+
+    def install(tmp):
         old = None
         if root.exists():
             old = root.parent / f".{root.name}.old-{os.getpid()}-{time.time_ns()}"
@@ -1497,10 +1515,7 @@ def make_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int = 
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _synth_paths(root)
+    return _generate(root, n_images, seed, image_size, bpe_vocab, install)
 
 
 def ensure_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int = 32,
@@ -1519,16 +1534,10 @@ def ensure_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int 
         if differ:
             raise FileExistsError(f"{root} holds a built-in set with other parameters {differ} "
                                   "(found, wanted); delete it or choose another directory")
-    if root.exists() and any(root.iterdir()) and state is None:
-        raise FileExistsError(f"{root} exists and is not a built-in dataset (no synth.json); "
-                              "choose an empty or new directory")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    t0 = time.perf_counter()
-    try:
-        manifest = _build_synth(tmp, n_images, seed, image_size, bpe_vocab)
-        manifest["generation_seconds"] = round(time.perf_counter() - t0, 2)
-        _dump(tmp / "synth.json", manifest)
+    if state is None:
+        _refuse_foreign(root)
+
+    def install(tmp):
         if state is False or (root.exists() and not any(root.iterdir())):
             shutil.rmtree(root, ignore_errors=True)  # ours but incomplete, or an empty dir
         try:
@@ -1536,10 +1545,7 @@ def ensure_synth(out_dir, n_images: int = 10000, seed: int = 0, image_size: int 
         except OSError:  # another process finished first
             if not _synth_complete(root, params):
                 raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _synth_paths(root)
+    return _generate(root, n_images, seed, image_size, bpe_vocab, install)
 
 
 # =====================================================================================
