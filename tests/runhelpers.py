@@ -34,3 +34,15 @@ def assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"parameter {k} differs"
+
+
+def check_resume_after_write_kill(ref, rd, rerun):
+    """rd's first run died half-way through writing its step-8 checkpoint (saves every 4
+    steps, 12 in all): the half-written file never takes a checkpoint's name, and
+    rerun() (the same command again) resumes from step 4 and ends bitwise equal to ref."""
+    assert os.path.exists(os.path.join(rd, "ckpt_00000008.pt.tmp"))
+    assert [os.path.basename(x) for x in train.ckpt_paths(rd)] == ["ckpt_00000004.pt"]
+    p = rerun()
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    assert_bitwise_equal(final_state(ref)["model"], final_state(rd)["model"])
+    assert train_losses(ref)[12] == train_losses(rd)[12]

@@ -51,7 +51,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [ROOT, HERE]
 
 import train  # noqa: E402
-from runhelpers import TINY, assert_bitwise_equal, final_state, train_losses  # noqa: E402
+from runhelpers import (TINY, assert_bitwise_equal, check_resume_after_write_kill,  # noqa: E402
+                        final_state, train_losses)
 from batchgen import make_batch  # noqa: E402
 from oner import OneR, OneRConfig  # noqa: E402
 
@@ -248,12 +249,7 @@ def test_torchrun_resume_is_bitwise_exact(tmp_path, data_dir):
     rd = str(tmp_path / "killed_in_write")
     p = torchrun(args + [f"--run_dir={rd}"], {"ONER_FAIL_IN_CHECKPOINT": "8"}, check=False)
     assert p.returncode != 0
-    assert os.path.exists(os.path.join(rd, "ckpt_00000008.pt.tmp"))
-    assert [os.path.basename(x) for x in train.ckpt_paths(rd)] == ["ckpt_00000004.pt"]
-    p = torchrun(args + [f"--run_dir={rd}"])
-    assert "resumed from" in p.stdout and "at step 4" in p.stdout
-    assert_bitwise_equal(final_state(ref)["model"], final_state(rd)["model"])
-    assert train_losses(ref)[12] == train_losses(rd)[12]
+    check_resume_after_write_kill(ref, rd, lambda: torchrun(args + [f"--run_dir={rd}"]))
 
     # 2) the agent and both workers SIGKILLed at an arbitrary moment after a checkpoint
     rd2 = str(tmp_path / "killed")

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-from runhelpers import TINY, assert_bitwise_equal, final_state, train_losses  # noqa: E402
+from runhelpers import (TINY, assert_bitwise_equal, check_resume_after_write_kill,  # noqa: E402
+                        final_state, train_losses)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +73,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path, data_dir):
     rd = str(tmp_path / "killed_in_write")
     p = run(args + [f"--run_dir={rd}"], {"ONER_FAIL_IN_CHECKPOINT": "8"}, check=False)
     assert p.returncode == -signal.SIGKILL
-    assert os.path.exists(os.path.join(rd, "ckpt_00000008.pt.tmp"))
-    assert [os.path.basename(x) for x in train.ckpt_paths(rd)] == ["ckpt_00000004.pt"]
-    p = run(args + [f"--run_dir={rd}"])
-    assert "resumed from" in p.stdout and "at step 4" in p.stdout
-    assert_bitwise_equal(final_state(ref)["model"], final_state(rd)["model"])
-    assert train_losses(ref)[12] == train_losses(rd)[12]
+    check_resume_after_write_kill(ref, rd, lambda: run(args + [f"--run_dir={rd}"]))
 
     # 2) SIGKILL at an arbitrary moment after the first checkpoint
     rd2 = str(tmp_path / "killed")
