@@ -90,6 +90,53 @@ ROW_COST = dict(itc_two_heads=270, itc=275, itc_xmc=270, itc_xmc_cic=370, oner=2
                 oner_no_mlm_mim=240, oner_clean_queries=465)
 QUICK_ROWS = ("itc", "oner")
 
+# --study: one factor at a time, one seed, the same harness and laptop settings. Each entry
+# (name, label, overrides) is applied on top of BASE; keys outside ROW_KEYS (momentum,
+# temperature, width, ...) replace the shared laptop value for that run only.
+# "collapse": does the one-head ITC row collapse under MoCo v3 lineage conditions?
+# "choices": settle the open [choice]s on the OneR row (ITC + CMC + MLM + MIM), on val.
+ONER = dict(cmc=1.0)
+STUDIES = {
+    "collapse": [
+        ("itc", "ITC, one head (base)", dict()),
+        ("itc_fixed_t02", "fixed tau 0.2", dict(temperature="fixed", temp_fixed=0.2)),
+        ("itc_mocov3_head", "MoCo v3 head + predictor", dict(head_type="mocov3")),
+        ("itc_mocov3", "MoCo v3 head + predictor + fixed tau 0.2",
+         dict(head_type="mocov3", temperature="fixed", temp_fixed=0.2)),
+        ("itc_m0", "m = 0", dict(momentum=0.0)),
+        ("itc_no_masking", "masking off (no MLM/MIM)", dict(mlm=0.0, mim=0.0)),
+        ("itc_depth6", "depth 6", dict(depth=6)),
+        ("itc_width192", "width 192", dict(width=192)),
+        # run only under a condition that collapses the one-head ITC row (see README)
+        ("itc_two_heads_mocov3", "ITC two heads, MoCo v3 head + fixed tau 0.2",
+         dict(two_heads=True, head_type="mocov3", temperature="fixed", temp_fixed=0.2)),
+        ("oner_mocov3", "+ CMC (OneR), MoCo v3 head + fixed tau 0.2",
+         dict(cmc=1.0, head_type="mocov3", temperature="fixed", temp_fixed=0.2)),
+    ],
+    "choices": [
+        ("oner", "OneR (m 0.99, per-term tau, r 0.4, masked queries)", ONER),
+        ("m0", "m = 0", {**ONER, "momentum": 0.0}),
+        ("m0999", "m = 0.999", {**ONER, "momentum": 0.999}),
+        ("temp_shared", "shared tau", {**ONER, "temperature": "shared"}),
+        ("temp_fixed", "fixed tau 0.2", {**ONER, "temperature": "fixed", "temp_fixed": 0.2}),
+        ("mask02", "image mask ratio 0.2", {**ONER, "image_mask_ratio": 0.2}),
+        ("mask06", "image mask ratio 0.6", {**ONER, "image_mask_ratio": 0.6}),
+        ("clean_queries", "clean queries", {**ONER, "query_view": "clean"}),
+    ],
+}
+STUDY_DEFAULT_ROWS = {"collapse": [r[0] for r in STUDIES["collapse"][:8]]}
+ROW_COST.update(itc_depth6=540, itc_width192=800, itc_mocov3=300, itc_mocov3_head=300, clean_queries=465)
+
+
+def table(opts):
+    """The row list of this invocation: the poster's ablation, or a --study's."""
+    return STUDIES[opts["study"]] if opts.get("study") else ROWS
+
+
+def row_keys(opts):
+    """Keys the rows set (refused as shared extras): ROW_KEYS plus a study's factors."""
+    return tuple(dict.fromkeys(ROW_KEYS + tuple(k for r in table(opts) for k in r[2])))
+
 STEPS = 500
 # laptop size (applied with --preset demo unless overridden by an extra --key=value)
 # lr and momentum pinned to what the recorded laptop table ran with (the demo preset's
@@ -115,18 +162,25 @@ OTHER_COLS = [("zeroshot.top1", "zero-shot top1"), ("zeroshot.shape.top1", "zs s
               ("gap.centroid_distance", "centroid dist"), ("gap.matched_cos", "cos matched"),
               ("gap.random_cos", "cos random"), ("gap.separability", "separability %")]
 VAL_COL = ("val.mean", "val mean R")
+# a --study selects on val, so its one table leads with val; train acc is the last logged
+# in-batch image->text accuracy (does the training task itself collapse, or only evaluation?)
+STUDY_COLS = [VAL_COL, ("retrieval.test.tr1", "test TR@1"), ("retrieval.test.ir1", "test IR@1"),
+              ("retrieval.test_comp.tr1", "test_comp TR@1"), ("retrieval.test_comp.ir1", "test_comp IR@1"),
+              ("zeroshot.top1", "zero-shot top1"), ("linear_probe.top1", "probe top1"),
+              ("train.acc_i2t", "train in-batch acc"), ("gap.separability", "separability %")]
 
 
 def usage(msg):
     raise SystemExit(f"error: {msg}\nusage: python ablation.py [--quick] [--seeds 0,1,2] [--steps N] "
                      "[--parallel 2] [--out DIR] [--rows a,b] [--preset demo|cc3m] [--collect] "
-                     "[--dry_run] [train.py --key=value ...]\nrows: " + ", ".join(r[0] for r in ROWS))
+                     "[--dry_run] [--study collapse|choices] [train.py --key=value ...]\nrows: " + ", ".join(r[0] for r in ROWS)
+                     + "".join(f"\n--study {k} rows: " + ", ".join(r[0] for r in v) for k, v in STUDIES.items()))
 
 
 def parse_args(argv):
     """-> (options dict, extra train.py overrides as an ordered dict of strings)."""
     opts = dict(quick=False, seeds=None, steps=None, parallel=2, out=None, rows=None, preset="demo",
-                collect=False, dry_run=False)
+                collect=False, dry_run=False, study=None)
     flags = ("quick", "collect", "dry_run")
     extras, i = {}, 0
     while i < len(argv):
@@ -148,17 +202,22 @@ def parse_args(argv):
             extras[key] = val
     for f in flags:
         opts[f] = str(opts[f]).lower() in ("1", "true", "yes", "on")
-    bad = sorted(set(extras) & set(ROW_KEYS + ("run_dir", "seed")))
+    if opts["study"] is not None and opts["study"] not in STUDIES:
+        usage(f"--study={opts['study']}: expected one of {sorted(STUDIES)}")
+    keys = row_keys(opts)
+    bad = sorted(set(extras) & set(keys + ("run_dir", "seed")))
     if bad:
-        usage(f"--{bad[0]} is set by the ablation itself (row keys {', '.join(ROW_KEYS)}; run_dir; seed)")
+        usage(f"--{bad[0]} is set by the ablation itself (row keys {', '.join(keys)}; run_dir; seed)")
     try:
         opts["parallel"] = max(1, int(opts["parallel"]))
-        opts["seeds"] = [int(s) for s in str(opts["seeds"] or ("0" if opts["quick"] else "0,1,2")).split(",")]
+        one = opts["quick"] or opts["study"]
+        opts["seeds"] = [int(s) for s in str(opts["seeds"] or ("0" if one else "0,1,2")).split(",")]
         opts["steps"] = int(opts["steps"]) if opts["steps"] is not None else None
     except ValueError as e:
         usage(str(e))
-    names = [r[0] for r in ROWS]
-    rows = opts["rows"].split(",") if opts["rows"] else list(QUICK_ROWS if opts["quick"] else names)
+    names = [r[0] for r in table(opts)]
+    default_rows = STUDY_DEFAULT_ROWS.get(opts["study"], names)
+    rows = opts["rows"].split(",") if opts["rows"] else list(QUICK_ROWS if opts["quick"] else default_rows)
     unknown = [r for r in rows if r not in names]
     if unknown:
         usage(f"unknown row(s) {unknown}")
@@ -166,6 +225,8 @@ def parse_args(argv):
     # absolute, so train.py (run from the repo root) and this process agree on every path
     default = "ablation_quick" if opts["quick"] else "ablation" if opts["preset"] == "demo" \
         else f"ablation_{opts['preset']}"
+    if opts["study"]:
+        default = f"study_{opts['study']}" + ("" if opts["preset"] == "demo" else f"_{opts['preset']}")
     opts["out"] = os.path.abspath(opts["out"] or os.path.join(ROOT, "runs", default))
     opts["slurm"] = str(extras.get("slurm", "false")).lower() in ("1", "true", "yes", "on")
     return opts, extras
@@ -194,11 +255,11 @@ def train_settings(opts, extras):
 
 
 def train_argv(opts, shared, row, seed):
-    name, _, over = next(r for r in ROWS if r[0] == row)
+    name, _, over = next(r for r in table(opts) if r[0] == row)
     cfg = {**BASE, **over}
     args = [f"--preset={opts['preset']}", f"--run_dir={run_dir(opts, row, seed)}", f"--seed={seed}"]
-    args += [f"--{k}={fmt_value(v)}" for k, v in shared.items()]
-    args += [f"--{k}={fmt_value(cfg[k])}" for k in ROW_KEYS]
+    args += [f"--{k}={fmt_value(v)}" for k, v in shared.items() if k not in cfg]
+    args += [f"--{k}={fmt_value(v)}" for k, v in cfg.items()]
     return args
 
 
@@ -316,6 +377,12 @@ def evaluate_run(rd):
                                  D.ImageTransform(model.cfg.image_size, train=False), bs, device, progress=False)
         torch.save({"image": img_emb[pick], "text": txt_emb[pick], "pair": pair, "pair_ok": ok,
                     "captions": caps_sel}, os.path.join(rd, GAP_FILE))
+    mpath = os.path.join(rd, "metrics.jsonl")
+    if os.path.isfile(mpath):                                   # the last logged training record
+        with open(mpath) as f:
+            train = [r for r in map(json.loads, f) if r.get("kind") == "train"]
+        if train:
+            out["train_last"] = {k: train[-1][k] for k in ("step", "loss", "acc_i2t") if k in train[-1]}
     out["seconds"] = time.time() - t0
     _write_json(os.path.join(rd, EVAL_FILE), out)
     print(f"wrote {rd}/{EVAL_FILE} in {out['seconds']:.1f}s")
@@ -335,9 +402,10 @@ def flat_metrics(ev):
     b = ev.get("builtin", {})
     src = {"retrieval": b.get("retrieval") or {"eval": ev.get("eval")},
            "zeroshot": {**(b.get("zeroshot") or {}), **((b.get("zeroshot") or {}).get("attributes") or {})},
-           "linear_probe": b.get("linear_probe"), "gap": ev.get("gap"), "val": ev.get("val")}
+           "linear_probe": b.get("linear_probe"), "gap": ev.get("gap"), "val": ev.get("val"),
+           "train": {k: 100 * v for k, v in (ev.get("train_last") or {}).items() if k == "acc_i2t"}}
     out = {}
-    for path, _ in RETRIEVAL_COLS + OTHER_COLS + [VAL_COL] + \
+    for path, _ in RETRIEVAL_COLS + OTHER_COLS + STUDY_COLS + \
             [(f"retrieval.eval.{k}", None) for k in ("tr1", "tr5", "ir1", "ir5")]:
         v = dig(src, path)
         if isinstance(v, (int, float)):
@@ -354,7 +422,7 @@ def mean_std(xs):
 
 def aggregate(opts):
     rows = {}
-    for name, label, over in ROWS:
+    for name, label, over in table(opts):
         if name not in opts["rows"]:
             continue
         per_seed = {}
@@ -387,8 +455,13 @@ def cell3(stats, path):
     return f"{st['mean']:.3f}" if st["n"] < 2 else f"{st['mean']:.3f} ± {st['std']:.3f}"
 
 
-def tables(rows, builtin):
+def tables(rows, builtin, study=False):
     """-> list of (title, header, body rows) for the printed and markdown tables."""
+    if study and builtin:
+        cols = STUDY_COLS
+        return [("val (selection) and test (%)", ["row", "seeds"] + [c[1] for c in cols],
+                 [[r["label"], f"{len(r['seeds'])}"] + [cell(r["metrics"], p, 0) for p, _ in cols]
+                  for r in rows.values()])]
     rcols = RETRIEVAL_COLS if builtin else [(f"retrieval.eval.{k}", f"eval {k.upper()[:2]}@{k[2:]}")
                                             for k in ("tr1", "tr5", "ir1", "ir5")]
     ocols = OTHER_COLS if builtin else [c for c in OTHER_COLS if c[0].startswith("gap.")]
@@ -479,7 +552,7 @@ def gap_figure(opts, rows, path, per_line=4):
 def report(opts, argv, rows, wall, statuses, commit, mach):
     out = opts["out"]
     builtin = any("retrieval.test.tr1" in r["metrics"] for r in rows.values()) or not rows
-    tabs = tables(rows, builtin)
+    tabs = tables(rows, builtin, study=bool(opts.get("study")))
     cmd = shlex.join(["python", "ablation.py", *argv])
     n_fig = gap_figure(opts, rows, os.path.join(out, "gap.png"))
     seeds_note = ("mean ± sample std over seeds" if len(opts["seeds"]) > 1 else "one seed")
@@ -528,7 +601,9 @@ def report(opts, argv, rows, wall, statuses, commit, mach):
                 break
     def dirty(c):
         return f" (uncommitted changes in: {', '.join(c['dirty_files'])})" if c.get("dirty_files") else ""
-    md = [f"# OneR ablation ({seeds_note}; test splits; numbers in %)", ""]
+    what = f"study '{opts['study']}'" if opts.get("study") else "ablation"
+    md = [f"# OneR {what} ({seeds_note}; {'val and test' if opts.get('study') else 'test'} splits; "
+          "numbers in %)", ""]
     for i, inv in enumerate(invocations or [{"command": cmd, "git": commit, "machine": mach,
                                               "wall_seconds": wall}]):
         m = inv.get("machine", {})
@@ -563,7 +638,7 @@ def report(opts, argv, rows, wall, statuses, commit, mach):
     for name, r in rows.items():
         md.append(f"- `{name}` {r['label']}: " + " ".join(f"--{k}={fmt_value(v)}" for k, v in r["overrides"].items()))
     if stored:
-        skip = tuple(f"--{k}=" for k in ROW_KEYS + ("run_dir", "seed"))
+        skip = tuple(f"--{k}=" for k in row_keys(opts) + ("run_dir", "seed"))
         first = next(iter(stored.values()))
         md += ["", "Shared (every run; plus --run_dir=OUT/ROW/seedS --seed=S): `python train.py "
                + " ".join(a for a in first if not a.startswith(skip)) + "`", ""]

@@ -41,7 +41,7 @@ class OneRConfig:
     embed_dim: int = 256          # E, the shared space
     vocab_size: int = 50257       # derived from the tokenizer by the trainer
     max_text_len: int = 32        # L, fixed so shapes never change
-    head_type: str = "linear"     # [choice] projection head: "linear" | "mlp"
+    head_type: str = "linear"     # [choice] projection head: "linear" | "mlp" | "mocov3"
     two_heads: bool = False       # ablation "ITC (two heads)": image and text heads
     mlm_slot_frac: float = 0.25   # MLM logits are computed in ceil(frac*L) slots per row
     # loss terms: weight 0 switches a term off (its head/scale is not even built)
@@ -94,7 +94,7 @@ class OneRConfig:
         return replace(OneRConfig(), **{**sizes[name], **overrides}).validate()
 
     def validate(self):
-        choices = dict(head_type=("linear", "mlp"), query_view=("masked", "clean"),
+        choices = dict(head_type=("linear", "mlp", "mocov3"), query_view=("masked", "clean"),
                        temperature=("per_term", "shared", "fixed"))
         for key, ok in choices.items():
             if getattr(self, key) not in ok:
@@ -222,7 +222,18 @@ class Encoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- heads
-def projection_head(cfg):  # D -> E; [choice] linear (default) or a 2-layer MLP
+def mlp_bn(dims, last_bn):  # MoCo v3's MLP: (Linear, BatchNorm, ReLU)*, Linear[, BatchNorm]
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, *([nn.BatchNorm1d(dims[-1], affine=False)] if last_bn else []))
+
+
+def projection_head(cfg):  # D -> E; [choice] linear (default), 2-layer MLP, or MoCo v3's
+    if cfg.head_type == "mocov3":  # 3 layers with BatchNorm, hidden 4D (MoCo v3: 4096)
+        return mlp_bn([cfg.width, 4 * cfg.width, 4 * cfg.width, cfg.embed_dim], last_bn=True)
     if cfg.head_type == "mlp":
         return nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.GELU(),
                              nn.Linear(cfg.width, cfg.embed_dim))
@@ -238,9 +249,10 @@ class Tower(nn.Module):
         names = ("image", "text") if cfg.two_heads else ("shared",)
         self.heads = nn.ModuleDict({n: projection_head(cfg) for n in names})
 
-    def project(self, h, modality):  # h (..., D) -> unit vectors (..., E), >= fp32
+    def project(self, h, modality, predictor=None):  # h (..., D) -> unit vectors (..., E), >= fp32
         head = self.heads["shared" if "shared" in self.heads else modality]
-        return F.normalize(fp32(head(h)), dim=-1)
+        z = head(h.flatten(0, -2)).unflatten(0, h.shape[:-1])  # BatchNorm wants (N, C)
+        return F.normalize(fp32(z if predictor is None else predictor(z)), dim=-1)
 
 
 class MLMHead(nn.Module):  # BERT-style: dense, GELU, LayerNorm, decoder tied to tok_embed
@@ -345,6 +357,10 @@ class OneR(nn.Module):
             self.mlm_head = MLMHead(cfg, self.student.encoder.tok_embed)
         if cfg.mim > 0:
             self.mim_head = nn.Linear(cfg.width, 3 * cfg.patch_size ** 2)
+        # MoCo v3: a predictor on the query side only. Its BatchNorms (and the head's) see one
+        # pass (one modality) per batch in training, running stats pooled over passes in eval.
+        self.predictor = (mlp_bn([cfg.embed_dim, 4 * cfg.width, cfg.embed_dim], last_bn=False)
+                          if cfg.head_type == "mocov3" else None)
         terms = [t for t in CONTRASTIVE if getattr(cfg, t) > 0]
         init = math.log(1 / cfg.temp_init)  # scales live in log space: always positive
         if cfg.temperature == "per_term":
@@ -400,6 +416,7 @@ class OneR(nn.Module):
         masked_model = on("mlm") or on("mim")
         clean_q = cfg.query_view == "clean"
         out, mlm_parts, mim_parts = {}, [], []
+        Q = lambda h, modality: S.project(h, modality, self.predictor)  # noqa: E731 query side
 
         def masked_losses(h, n_img, v):  # collect MLM/MIM predictions of one pass
             if on("mim") and n_img:
@@ -417,10 +434,10 @@ class OneR(nn.Module):
             hT = E(text=E.embed_text(b["text_input_uni"], b["text_masked_uni"]), text_mask=tmask)
             masked_losses(hI, P, "uni")
             masked_losses(hT, 0, "uni")
-            zI, zT = S.project(hI[:, 0], "image"), S.project(hT[:, 0], "text")
+            zI, zT = Q(hI[:, 0], "image"), Q(hT[:, 0], "text")
         if clean_q and (on("itc") or on("xmc")):  # queries from extra clean passes
-            zI = S.project(E(image=E.embed_image(images))[:, 0], "image")
-            zT = S.project(E(text=E.embed_text(ids), text_mask=tmask)[:, 0], "text")
+            zI = Q(E(image=E.embed_image(images))[:, 0], "image")
+            zT = Q(E(text=E.embed_text(ids), text_mask=tmask)[:, 0], "text")
         # student joint pass on view 2: [CLS, patches, tokens]
         if on("cmc") or masked_model:
             if masked_model or not clean_q:
@@ -428,9 +445,9 @@ class OneR(nn.Module):
                         text=E.embed_text(b["text_input_joint"], b["text_masked_joint"]),
                         text_mask=tmask)                                           # (B, 1+P+L, D)
                 masked_losses(hIT, P, "joint")
-                zIT = S.project(hIT[:, 0], "image")
+                zIT = Q(hIT[:, 0], "image")
             if clean_q:
-                zIT = S.project(E(image=E.embed_image(images), text=E.embed_text(ids),
+                zIT = Q(E(image=E.embed_image(images), text=E.embed_text(ids),
                                   text_mask=tmask)[:, 0], "image")
         # CIC: the cross-only pass [CLS_a, patches, CLS_b, tokens]
         if on("cic"):  # masked view: the joint view's inputs; clean view: clean inputs
@@ -438,11 +455,11 @@ class OneR(nn.Module):
                           (b["image_mask_joint"], b["text_input_joint"], b["text_masked_joint"]))
             hX = E(image=E.embed_image(images, im), text=E.embed_text(tx, tm),
                    text_mask=tmask, cross=True)
-            zIgT, zTgI = S.project(hX[:, 0], "image"), S.project(hX[:, 1 + P], "text")
+            zIgT, zTgI = Q(hX[:, 0], "image"), Q(hX[:, 1 + P], "text")
 
         # keys: clean inputs through the key encoder, no gradient, gathered over ranks
         with torch.no_grad():
-            if self.key is None and clean_q and (on("itc") or on("xmc")):
+            if self.key is None and clean_q and self.predictor is None and (on("itc") or on("xmc")):
                 kI, kT = zI.detach(), zT.detach()  # m = 0, clean queries: same computation
             else:
                 K = self._eval_tower()

@@ -612,6 +612,10 @@ def main(tc, mc):
     loader = D.make_loader(ds, sampler, local_batch, tc.workers)
 
     model = raw
+    if world > 1 and device.type == "cuda":  # MoCo v3 head: BatchNorm over the global batch
+        model = raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    elif world > 1 and mc.head_type == "mocov3":
+        log("warning: SyncBatchNorm needs CUDA; the mocov3 head's BatchNorm uses per-rank statistics")
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -812,10 +816,12 @@ def flops_per_pair(mc):
     """Analytic training FLOPs per pair: forward = 2 x multiply-adds; a pass with gradient
     costs 3 x its forward (backward ~ 2 x), a no-grad key pass 1 x. Returns (total, parts)."""
     D, hid, E = mc.width, int(mc.width * mc.mlp_ratio), mc.embed_dim
-    head = D * E + (D * D if mc.head_type == "mlp" else 0)
+    head = {"linear": D * E, "mlp": D * D + D * E,
+            "mocov3": D * 4 * D + 16 * D * D + 4 * D * E}[mc.head_type]
+    pred = E * 4 * D * 2 if mc.head_type == "mocov3" else 0  # the query-side predictor
     parts = {}
     for name, (n, grad) in pass_tokens(mc).items():
-        macs = mc.depth * (n * (4 * D * D + 2 * D * hid) + 2 * n * n * D) + head
+        macs = mc.depth * (n * (4 * D * D + 2 * D * hid) + 2 * n * n * D) + head + (pred if grad else 0)
         if "image" in name or "joint" in name or "cross" in name:
             macs += mc.num_patches * 3 * mc.patch_size ** 2 * D  # patch embedding
         if grad and mc.mim > 0 and name.startswith("student") and "text" not in name:

@@ -139,7 +139,8 @@ def test_named_size_encode_shapes_on_meta(name):
         assert model.encode_patches(images).shape == (2, c.num_patches, c.embed_dim)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(momentum=0.0), dict(two_heads=True), dict(head_type="mlp")])
+@pytest.mark.parametrize("kw", [{}, dict(momentum=0.0), dict(two_heads=True), dict(head_type="mlp"),
+                                dict(head_type="mocov3")])
 def test_mu_encodings_are_unit_vectors(kw):
     torch.manual_seed(0)
     model = OneR(OneRConfig.from_name("mu", **kw))

@@ -567,6 +567,8 @@ CONFIGS = {
     "fixed_temp": dict(temperature="fixed"),
     "shared_temp": dict(temperature="shared", xmc=1.0),
     "mlp_head": dict(head_type="mlp"),
+    "mocov3_head": dict(head_type="mocov3", xmc=1.0, cic=1.0),
+    "mocov3_m0_clean": dict(head_type="mocov3", momentum=0.0, query_view="clean"),
     "masking_off": dict(mlm=0.0, mim=0.0, _mask=False),
     "cic_only": dict(itc=0.0, cmc=0.0, cic=1.0),
     "cmc_only_clean": dict(itc=0.0, query_view="clean"),
@@ -602,3 +604,31 @@ def test_no_mask_token_without_masked_modelling():
     """With MLM and MIM off the [MASK] vector is not built (it could never be trained)."""
     assert build(mlm=0.0, mim=0.0).student.encoder.mask_token is None
     assert build(mlm=0.0).student.encoder.mask_token is not None
+
+
+def test_mocov3_head_predictor_on_queries_only():
+    """head_type=mocov3: MoCo v3's 3-layer BatchNorm MLP head in student and key encoder, a
+    predictor on the query side only; with m = 0 and clean queries the keys are therefore
+    not the queries (no reuse), and evaluation (BatchNorm running stats) does not depend on
+    the rest of the batch."""
+    model = build(head_type="mocov3", momentum=0.0, query_view="clean", cmc=0.0, mlm=0.0, mim=0.0)
+    head = model.student.heads["shared"]
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d",
+                                                "ReLU", "Linear", "BatchNorm1d"]
+    assert not head[-1].affine and model.predictor is not None
+    b = make_batch(model.cfg, B=6, seed=2, mask=False)
+    E = model.student.encoder
+    with torch.no_grad():
+        h = E(image=E.embed_image(b["images"]))[:, 0]
+        q = model.student.project(h, "image", model.predictor)
+        k = model.student.project(h, "image")
+    assert not torch.allclose(q, k, atol=1e-3)
+    model.eval()
+    with torch.no_grad():
+        full = model.encode_image(b["images"])
+        one = model.encode_image(b["images"][:1])
+        patches = model.encode_patches(b["images"][:2])
+    assert torch.allclose(full[:1], one, atol=1e-5)
+    assert patches.shape == (2, model.cfg.num_patches, model.cfg.embed_dim)
+    with_key = build(head_type="mocov3")
+    assert with_key.key is not None and not hasattr(with_key.key, "predictor")
