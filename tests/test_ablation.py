@@ -95,6 +95,42 @@ def test_cli_parsing_and_refusals():
             ablation.parse_args(bad)
 
 
+def test_study_rows_change_one_factor_each():
+    """--study collapse|choices: each row differs from its study's base row only in the keys
+    its overrides name, one seed by default, and its factors cannot be set as shared extras."""
+    for study, base in (("collapse", "itc"), ("choices", "oner")):
+        opts, extras = ablation.parse_args(["--study", study])
+        assert opts["seeds"] == [0] and opts["out"].endswith(f"study_{study}")
+        shared = ablation.train_settings(opts, extras)
+        ref = argv_dict(ablation.train_argv(opts, shared, base, 0))
+        for name, _, over in ablation.STUDIES[study]:
+            a = argv_dict(ablation.train_argv(opts, shared, name, 0))
+            differ = {k for k in set(a) | set(ref) if a.get(k) != ref.get(k)} - {"run_dir"}
+            expected = {k for k, v in {**ablation.BASE, **over}.items()
+                        if ablation.fmt_value(v) != ref.get(k)}
+            assert differ == expected, (study, name, differ)
+    assert argv_dict(ablation.train_argv(opts, shared, "m0", 0))["momentum"] == "0"  # row wins over LAPTOP
+    opts, _ = ablation.parse_args(["--study", "collapse"])
+    assert "itc_two_heads_mocov3" not in opts["rows"]               # only under a collapsing condition
+    for bad in (["--study", "nope"], ["--study", "choices", "--temperature=fixed"],
+                ["--study", "collapse", "--rows=oner"]):
+        with pytest.raises(SystemExit):
+            ablation.parse_args(bad)
+
+
+def test_study_table_leads_with_val(tmp_path):
+    opts, _ = ablation.parse_args(["--study=choices", "--rows=oner,m0", f"--out={tmp_path}"])
+    for name, v in (("oner", 30.0), ("m0", 45.0)):
+        path = os.path.join(ablation.run_dir(opts, name, 0), ablation.EVAL_FILE)
+        _write_eval(path, 20.0, 100.0)
+        ev = json.load(open(path))
+        ev.update(val={"mean": v}, train_last={"acc_i2t": 0.5, "loss": 1.0})
+        json.dump(ev, open(path, "w"))
+    [(_, header, body)] = ablation.tables(ablation.aggregate(opts), builtin=True, study=True)
+    assert header[2] == "val mean R" and [r[2] for r in body] == ["30.0", "45.0"]
+    assert body[0][header.index("train in-batch acc")] == "50.0"
+
+
 def test_launcher_does_not_import_train():
     code = "import sys, ablation; assert 'train' not in sys.modules, 'ablation imported train'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=env())
@@ -189,3 +225,20 @@ def test_rerun_skips_finished_and_only_reevaluates(quick):
     # a different command on the same out dir is refused before anything runs
     p = run_ablation(["--quick", "--out", out, "--steps", "7"], check=False)
     assert p.returncode != 0 and "trained with other settings" in p.stderr
+
+
+def test_quick_study_with_mocov3_head_reports_the_training_view(tmp_path):
+    """A mocov3-head run is also scored the way its training loss sees it (predictor on the
+    image queries, per-batch BatchNorm statistics); the running statistics survive that."""
+    out = str(tmp_path / "s")
+    run_ablation(["--quick", "--study", "collapse", "--rows", "itc_mocov3_head", "--out", out])
+    ev = json.load(open(os.path.join(out, "itc_mocov3_head", "seed0", ablation.EVAL_FILE)))
+    assert 0 <= ev["val_train_view"]["mean"] <= 100 and "val" in ev and "train_last" in ev
+    md = open(os.path.join(out, "ablation.md")).read()
+    assert "study 'collapse'" in md and "val mean R, training view" in md
+    import torch
+    import eval as E
+    model, _, _ = E.load_checkpoint(os.path.join(out, "itc_mocov3_head", "seed0", ev["checkpoint"]))
+    bn = model.student.heads["shared"][1]
+    assert bn.running_mean is not None and bn.num_batches_tracked > 0
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
