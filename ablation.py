@@ -122,9 +122,13 @@ STUDIES = {
         ("mask02", "image mask ratio 0.2", {**ONER, "image_mask_ratio": 0.2}),
         ("mask06", "image mask ratio 0.6", {**ONER, "image_mask_ratio": 0.6}),
         ("clean_queries", "clean queries", {**ONER, "query_view": "clean"}),
+        # the winners on val together (run after the one-factor rows): the new defaults
+        ("chosen", "chosen together: m 0, r 0.2, clean queries",
+         {**ONER, "momentum": 0.0, "image_mask_ratio": 0.2, "query_view": "clean"}),
     ],
 }
-STUDY_DEFAULT_ROWS = {"collapse": [r[0] for r in STUDIES["collapse"][:8]]}
+STUDY_DEFAULT_ROWS = {"collapse": [r[0] for r in STUDIES["collapse"][:8]],
+                      "choices": [r[0] for r in STUDIES["choices"][:8]]}
 ROW_COST.update(itc_depth6=540, itc_width192=800, itc_mocov3=300, itc_mocov3_head=300, clean_queries=465)
 
 
@@ -669,10 +673,13 @@ def report(opts, argv, rows, wall, statuses, commit, mach):
     for name, r in rows.items():
         md.append(f"- `{name}` {r['label']}: " + " ".join(f"--{k}={fmt_value(v)}" for k, v in r["overrides"].items()))
     if stored:
-        skip = tuple(f"--{k}=" for k in row_keys(opts) + ("run_dir", "seed"))
-        first = next(iter(stored.values()))
-        md += ["", "Shared (every run; plus --run_dir=OUT/ROW/seedS --seed=S): `python train.py "
-               + " ".join(a for a in first if not a.startswith(skip)) + "`", ""]
+        # the table's first (base) row shows the shared settings; a study row's own keys replace them
+        base_name, _, base_over = next((r for r in table(opts) if f"{r[0]}/seed{opts['seeds'][0]}" in stored),
+                                       table(opts)[0])
+        first = stored.get(f"{base_name}/seed{opts['seeds'][0]}") or next(iter(stored.values()))
+        skip = tuple(f"--{k}=" for k in ROW_KEYS + tuple(base_over) + ("run_dir", "seed"))
+        md += ["", "Shared (every run unless its row sets the key; plus --run_dir=OUT/ROW/seedS --seed=S): "
+               "`python train.py " + " ".join(a for a in first if not a.startswith(skip)) + "`", ""]
     bad = {k: v for k, v in statuses.items() if v not in ("ok", "done")}
     if bad:
         md += ["Not finished: " + "; ".join(f"{k}: {v}" for k, v in bad.items()), ""]
