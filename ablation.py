@@ -125,6 +125,10 @@ STUDIES = {
         # the winners on val together (run after the one-factor rows): the new defaults
         ("chosen", "chosen together: m 0, r 0.2, clean queries",
          {**ONER, "momentum": 0.0, "image_mask_ratio": 0.2, "query_view": "clean"}),
+        # clean queries cost 1.69x the FLOPs of a step (train.flops_per_pair): the masked view
+        # with the other winners, given as many FLOPs (846 steps instead of 500)
+        ("chosen_masked_equal_flops", "m 0, r 0.2, masked queries, 846 steps (equal FLOPs)",
+         {**ONER, "momentum": 0.0, "image_mask_ratio": 0.2, "steps": 846}),
     ],
 }
 STUDY_DEFAULT_ROWS = {"collapse": [r[0] for r in STUDIES["collapse"][:8]],
