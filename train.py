@@ -58,7 +58,7 @@ class TrainConfig:
     synth_images: int = 10000
     tokenizer: str = "gpt2"        # builtin data uses its own small BPE
     shard_samples: int = 0         # samples per epoch for tar shards (required with shards)
-    image_mask_ratio: float = 0.4  # [choice] share of patches masked (MIM), exact per image
+    image_mask_ratio: float = 0.2  # [choice] share of patches masked (MIM), exact per image; best on val
     image_mask_mode: str = "random"  # [choice] "random" | "block"
     text_mask_prob: float = 0.15   # whole-word MLM masking
     crop: bool = True              # random resized crop (scale crop_min..1); off for builtin
@@ -931,6 +931,10 @@ def bench(tc, mc, device):
                                    text_mask=b["text_mask"]),
         "cross": lambda: E(image=E.embed_image(b["images"]), text=E.embed_text(b["text_ids"]),
                            text_mask=b["text_mask"], cross=True),
+        "clean_image": lambda: E(image=E.embed_image(b["images"])),
+        "clean_text": lambda: E(text=E.embed_text(b["text_ids"]), text_mask=b["text_mask"]),
+        "clean_joint": lambda: E(image=E.embed_image(b["images"]), text=E.embed_text(b["text_ids"]),
+                                 text_mask=b["text_mask"]),
     }
     def keys():
         with torch.no_grad():

@@ -45,9 +45,12 @@ def test_bench_writes_every_figure(tmp_path):
     assert KEYS <= set(res), KEYS - set(res)
     assert 0.85 < res["flops_per_pair_counted"] / res["flops_per_pair"] < 1.15
     assert res["flop_ratio_oner_over_clip"] > 1
-    for k in ("student_image_fwd", "student_text_fwd", "student_joint_fwd", "key_passes",
-              "backward", "optimizer_ema"):
+    # the default config (clean queries, m = 0): masked passes for MLM/MIM, clean passes for
+    # the queries, which are also the keys (no key passes)
+    for k in ("student_image_fwd", "student_text_fwd", "student_joint_fwd", "clean_image_fwd",
+              "clean_text_fwd", "clean_joint_fwd", "backward", "optimizer_ema"):
         assert res["breakdown_s"][k] >= 0
+    assert "key_passes" not in res["breakdown_s"]
     assert [r["workers"] for r in res["loader"]] == [0, 1, 2]
     for line in ("pairs/s", "FLOPs/pair", "MFU", "OneR vs CLIP-mode", "TransformerEncoder", "loader"):
         assert line in p.stdout
@@ -55,12 +58,16 @@ def test_bench_writes_every_figure(tmp_path):
 
 def test_pass_tokens_follow_the_config():
     P, L = 16, 24
-    cfg = OneRConfig.from_name("mu", patch_size=8, max_text_len=L)
+    cfg = OneRConfig.from_name("mu", patch_size=8, max_text_len=L, momentum=0.99, query_view="masked")
     assert train.pass_tokens(cfg) == {"student_image": (1 + P, True), "student_text": (1 + L, True),
                                       "student_joint": (1 + P + L, True),
                                       "key_image": (1 + P, False), "key_text": (1 + L, False)}
     clip = OneRConfig.from_name("mu", patch_size=8, max_text_len=L, cmc=0, mlm=0, mim=0,
                                 momentum=0, query_view="clean")
     assert train.pass_tokens(clip) == {"clean_image": (1 + P, True), "clean_text": (1 + L, True)}
+    default = OneRConfig.from_name("mu", patch_size=8, max_text_len=L)   # clean queries, m = 0
+    assert train.pass_tokens(default) == {"student_image": (1 + P, True), "student_text": (1 + L, True),
+                                          "student_joint": (1 + P + L, True), "clean_image": (1 + P, True),
+                                          "clean_text": (1 + L, True), "clean_joint": (1 + P + L, True)}
     cic = OneRConfig.from_name("mu", patch_size=8, max_text_len=L, cic=1)
     assert train.pass_tokens(cic)["cross"] == (2 + P + L, True)

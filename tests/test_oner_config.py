@@ -100,7 +100,7 @@ def build_meta(name, **kw):
 
 @pytest.mark.parametrize("name", list(SIZES))
 def test_named_size_shapes_and_parameter_counts(name):
-    model = build_meta(name)
+    model = build_meta(name, momentum=0.99)
     c = model.cfg
     assert (c.width, c.depth, c.heads, c.patch_size, c.image_size) == SIZES[name]
     assert c.mlp_ratio == 4.0

@@ -173,7 +173,7 @@ def test_gradient_reaches_student_only_through_queries():
     """m = 0: the keys are the student itself, so a key path with a graph would add to the
     gradient. The model's gradient must equal that of ITC rebuilt by hand with keys
     computed under no_grad."""
-    model = build(momentum=0.0, cmc=0.0, mlm=0.0, mim=0.0)
+    model = build(momentum=0.0, cmc=0.0, mlm=0.0, mim=0.0, query_view="masked")
     b = make_batch(model.cfg, B=4, seed=5)
     params = [p for p in model.parameters() if p.requires_grad]
     g_model = torch.autograd.grad(model(b)["loss"], params, allow_unused=True)
@@ -630,5 +630,21 @@ def test_mocov3_head_predictor_on_queries_only():
         patches = model.encode_patches(b["images"][:2])
     assert torch.allclose(full[:1], one, atol=1e-5)
     assert patches.shape == (2, model.cfg.num_patches, model.cfg.embed_dim)
-    with_key = build(head_type="mocov3")
+    with_key = build(head_type="mocov3", momentum=0.99)
     assert with_key.key is not None and not hasattr(with_key.key, "predictor")
+
+
+def test_inference_in_place_gelu_gives_the_same_numbers():
+    """Without autograd the block's GELU runs in place (a speed change only): embeddings
+    and the no-grad key passes equal the autograd path bitwise, and a no-grad forward
+    leaves its input untouched."""
+    model = build()
+    b = make_batch(model.cfg, B=3, seed=4)
+    x = torch.randn(3, 1 + model.cfg.num_patches, model.cfg.width)
+    x0 = x.clone()
+    with torch.no_grad():
+        fast_img, fast_blk = model.encode_image(b["images"]), model.student.encoder.blocks[0](x)
+    assert torch.equal(x, x0)
+    with torch.enable_grad():
+        slow_img, slow_blk = model.encode_image(b["images"]), model.student.encoder.blocks[0](x)
+    assert torch.equal(fast_img, slow_img.detach()) and torch.equal(fast_blk, slow_blk.detach())
