@@ -7,10 +7,13 @@
         --eval_data coco_val.json --eval_image_root /data/coco --out runs/ablation_cc3m \\
         --slurm --nodes 4 --gpus_per_node 8 --partition gpu      # each row becomes one SLURM job
     python ablation.py --collect --out runs/ablation_cc3m        # later: evaluate + tabulate finished rows
+    python ablation.py --study collapse      # one factor at a time on one-head ITC (MoCo v3 head, tau, m, ...)
+    python ablation.py --study choices       # settle m, temperature, mask ratio, query view on val
 
 Options: --quick  --seeds 0,1,2  --steps N  --parallel 2  --rows name,...  --preset demo|cc3m
 --out DIR (default runs/ablation, runs/ablation_quick, runs/ablation_<preset>)  --collect (never train; evaluate and tabulate what is finished)
---dry_run (print the train.py commands and exit). Every other --key=value is passed to
+--dry_run (print the train.py commands and exit)  --study collapse|choices (STUDIES below: one
+seed, a val column; out runs/study_NAME; rows past the first 8 run only when named in --rows). Every other --key=value is passed to
 every train.py run unchanged (same data, steps, batch and seeds for all rows); the keys
 that define the rows (itc xmc cic cmc mlm mim two_heads query_view) are refused there.
 
