@@ -180,6 +180,8 @@ STUDY_COLS = [VAL_COL, ("retrieval.test.tr1", "test TR@1"), ("retrieval.test.ir1
               ("retrieval.test_comp.tr1", "test_comp TR@1"), ("retrieval.test_comp.ir1", "test_comp IR@1"),
               ("zeroshot.top1", "zero-shot top1"), ("linear_probe.top1", "probe top1"),
               ("train.acc_i2t", "train in-batch acc"), ("val_train_view.mean", "val mean R, training view"),
+              ("val_train_view_parts.predictor_only.mean", "... predictor only"),
+              ("val_train_view_parts.batch_stats_only.mean", "... per-modality BN only"),
               ("gap.separability", "separability %")]
 
 
@@ -367,6 +369,9 @@ def evaluate_run(rd):
         out["val"] = E.evaluate_retrieval(model, tok, paths["val"], paths["image_root"], bs, device, progress=False)
         if getattr(model, "predictor", None) is not None:
             out["val_train_view"] = train_view_retrieval(model, tok, paths, bs, device)
+            out["val_train_view_parts"] = {   # which of the two carries the alignment?
+                "predictor_only": train_view_retrieval(model, tok, paths, bs, device, batch_stats=False),
+                "batch_stats_only": train_view_retrieval(model, tok, paths, bs, device, predictor=False)}
         gap_split = (paths["test"], paths["image_root"])
     elif cfg["eval_data"]:
         gap_split = (cfg["eval_data"], cfg["eval_image_root"] or cfg["image_root"])
@@ -403,23 +408,26 @@ def evaluate_run(rd):
     print(f"wrote {rd}/{EVAL_FILE} in {out['seconds']:.1f}s")
 
 
-def train_view_retrieval(model, tok, paths, bs, device):
+def train_view_retrieval(model, tok, paths, bs, device, predictor=True, batch_stats=True):
     """Val retrieval as the ITC loss sees a mocov3-head model in training: images as queries
     (student, head, predictor) against texts as keys (the evaluation encoder), with every
     BatchNorm normalising each single-modality batch by its own statistics (running stats
     set aside). High here but near chance in the normal evaluation means the predictor and
-    per-modality BatchNorm carry the image-text alignment, not the shared embedding."""
+    per-modality BatchNorm carry the image-text alignment, not the shared embedding.
+    predictor=False / batch_stats=False drop one of the two, to see which one carries it."""
     import types
 
     import torch
 
     import eval as E
     S = model.student
+    pred = model.predictor if predictor else None
     view = types.SimpleNamespace(
         cfg=model.cfg, training=False, eval=lambda: None, train=lambda mode=True: None,
         encode_text=model.encode_text,
-        encode_image=lambda x: S.project(S.encoder(image=S.encoder.embed_image(x))[:, 0], "image", model.predictor))
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        encode_image=lambda x: S.project(S.encoder(image=S.encoder.embed_image(x))[:, 0], "image", pred))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+        if batch_stats else []
     saved = [(m.running_mean, m.running_var) for m in bns]
     for m in bns:                        # no running stats: BatchNorm uses the batch's, even in eval
         m.running_mean = m.running_var = None
@@ -445,7 +453,7 @@ def flat_metrics(ev):
     src = {"retrieval": b.get("retrieval") or {"eval": ev.get("eval")},
            "zeroshot": {**(b.get("zeroshot") or {}), **((b.get("zeroshot") or {}).get("attributes") or {})},
            "linear_probe": b.get("linear_probe"), "gap": ev.get("gap"), "val": ev.get("val"),
-           "val_train_view": ev.get("val_train_view"),
+           "val_train_view": ev.get("val_train_view"), "val_train_view_parts": ev.get("val_train_view_parts"),
            "train": {k: 100 * v for k, v in (ev.get("train_last") or {}).items() if k == "acc_i2t"}}
     out = {}
     for path, _ in RETRIEVAL_COLS + OTHER_COLS + STUDY_COLS + \

@@ -234,6 +234,7 @@ def test_quick_study_with_mocov3_head_reports_the_training_view(tmp_path):
     run_ablation(["--quick", "--study", "collapse", "--rows", "itc_mocov3_head", "--out", out])
     ev = json.load(open(os.path.join(out, "itc_mocov3_head", "seed0", ablation.EVAL_FILE)))
     assert 0 <= ev["val_train_view"]["mean"] <= 100 and "val" in ev and "train_last" in ev
+    assert set(ev["val_train_view_parts"]) == {"predictor_only", "batch_stats_only"}
     md = open(os.path.join(out, "ablation.md")).read()
     assert "study 'collapse'" in md and "val mean R, training view" in md
     import torch
