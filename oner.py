@@ -448,7 +448,7 @@ class OneR(nn.Module):
                 zIT = Q(hIT[:, 0], "image")
             if clean_q:
                 zIT = Q(E(image=E.embed_image(images), text=E.embed_text(ids),
-                                  text_mask=tmask)[:, 0], "image")
+                          text_mask=tmask)[:, 0], "image")
         # CIC: the cross-only pass [CLS_a, patches, CLS_b, tokens]
         if on("cic"):  # masked view: the joint view's inputs; clean view: clean inputs
             im, tx, tm = ((None, ids, None) if clean_q else
