@@ -12,10 +12,11 @@
 
 Options: --quick  --seeds 0,1,2  --steps N  --parallel 2  --rows name,...  --preset demo|cc3m
 --out DIR (default runs/ablation, runs/ablation_quick, runs/ablation_<preset>)  --collect (never train; evaluate and tabulate what is finished)
---dry_run (print the train.py commands and exit)  --study collapse|choices (STUDIES below: one
-seed, a val column; out runs/study_NAME; rows past the first 8 run only when named in --rows). Every other --key=value is passed to
-every train.py run unchanged (same data, steps, batch and seeds for all rows); the keys
-that define the rows (itc xmc cic cmc mlm mim two_heads query_view) are refused there.
+--dry_run (print the train.py commands and exit)  --study collapse|choices (STUDIES below:
+one seed, a val column, out runs/study_NAME; rows past a study's first 8 run only when
+named in --rows). Every other --key=value is passed to every train.py run unchanged (same
+data, steps, batch and seeds for all rows); the keys that define the rows (itc xmc cic cmc
+mlm mim two_heads query_view, and a study's factors) are refused there.
 
 Rows (ROWS below): each changes only what its name says. All keep MLM + MIM on except
 "oner_no_mlm_mim"; everything else (momentum, temperature, mask ratio, ...) is the
@@ -134,8 +135,7 @@ STUDIES = {
          {**ONER, "momentum": 0.0, "image_mask_ratio": 0.2, "steps": 846}),
     ],
 }
-STUDY_DEFAULT_ROWS = {"collapse": [r[0] for r in STUDIES["collapse"][:8]],
-                      "choices": [r[0] for r in STUDIES["choices"][:8]]}
+STUDY_DEFAULT_ROWS = {k: [r[0] for r in rows[:8]] for k, rows in STUDIES.items()}  # the rest: by --rows
 ROW_COST.update(itc_depth6=540, itc_width192=800, itc_mocov3=300, itc_mocov3_head=300, clean_queries=465)
 
 
@@ -188,7 +188,8 @@ STUDY_COLS = [VAL_COL, ("retrieval.test.tr1", "test TR@1"), ("retrieval.test.ir1
 def usage(msg):
     raise SystemExit(f"error: {msg}\nusage: python ablation.py [--quick] [--seeds 0,1,2] [--steps N] "
                      "[--parallel 2] [--out DIR] [--rows a,b] [--preset demo|cc3m] [--collect] "
-                     "[--dry_run] [--study collapse|choices] [train.py --key=value ...]\nrows: " + ", ".join(r[0] for r in ROWS)
+                     "[--dry_run] [--study collapse|choices] [train.py --key=value ...]\nrows: "
+                     + ", ".join(r[0] for r in ROWS)
                      + "".join(f"\n--study {k} rows: " + ", ".join(r[0] for r in v) for k, v in STUDIES.items()))
 
 
